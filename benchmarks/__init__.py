@@ -1,0 +1,1 @@
+"""Benchmarks: latency, memory, size and quality of every variant against PyTorch."""

@@ -1,0 +1,1 @@
+"""Exporters: one file per model family, each declaring its ONNX components."""

@@ -1,0 +1,86 @@
+"""Export a Hugging Face model to a modelkiln artifact directory.
+
+    from modelkiln.exporters.export import ExportConfig, export_model
+    manifest = export_model("nlpconnect/vit-gpt2-image-captioning", "out/vit-gpt2", ExportConfig(opset=18))
+
+The family is detected from the model's config (or forced with ``ExportConfig.family``); the family
+file in this package declares the graphs. The artifact appears only when complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+
+from modelkiln.artifact import finish, staged_artifact
+from modelkiln.manifest import Manifest, SourceSpec
+from modelkiln.registry import detect_family, get_family
+
+from .onnx_export import export_component
+from .source import resolve_source
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of one export."""
+
+    family: str | None = None  # force a registry family instead of detecting it from config.json
+    opset: int = 18  # ONNX opset; 18 runs on onnxruntime >= 1.14 and TensorRT 10
+    allow_pickle: bool = False  # load .bin/.pt checkpoints (unpickling runs arbitrary code)
+    trust_remote_code: bool = False  # run model code shipped with the checkpoint
+    overwrite: bool = False  # replace an existing output directory
+    external_data: bool | None = None  # weights beside the graph: None decides by size (>2 GB), True forces
+
+
+def tool_versions() -> dict[str, str]:
+    names = ["modelkiln", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers", "numpy"]
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def export_model(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    config: ExportConfig = ExportConfig(),
+    log: Callable[[str], None] = lambda message: None,
+) -> Manifest:
+    """Export ``model`` (hub id or local directory) into the artifact directory ``out``."""
+    # 1. Resolve the source and its family before any heavy work, so mistakes fail fast.
+    source = resolve_source(str(model), allow_pickle=config.allow_pickle)
+    family = get_family(config.family) if config.family else detect_family(source.config, str(model))
+    exporter = family.load_exporter()
+    with staged_artifact(out, overwrite=config.overwrite) as staging:
+        # 2. Load the PyTorch model once; every component wraps the same weights.
+        log(f"loading {model} as family {family.name}")
+        torch_model = exporter.load_model(source, trust_remote_code=config.trust_remote_code)
+        # 3. Export component by component, freeing each trace before the next.
+        components = {}
+        for component in exporter.build_components(torch_model):
+            log(f"exporting {component.name}")
+            components[component.name] = export_component(
+                component, staging, config.opset, config.external_data
+            )
+            del component
+            gc.collect()
+        # 4. Copy what the runtime needs, then write the manifest last.
+        exporter.save_runtime_files(source, torch_model, staging)
+        manifest = Manifest(
+            family=family.name,
+            task=family.task,
+            source=SourceSpec(str(model), source.weights_sha256, list(source.weight_files)),
+            opset=config.opset,
+            precision="fp32",
+            components=components,
+            runtime=exporter.runtime_config(torch_model),
+            tools=tool_versions(),
+        )
+        return finish(staging, manifest)

@@ -1,0 +1,119 @@
+"""Resolve a ``--model`` source (hub id or local directory) to a local folder, safely.
+
+Hub ids and local directories take the same path: a hub id is first fetched into the local cache
+with ``huggingface_hub`` and then read like any directory saved with ``save_pretrained``. Pickle
+checkpoints (``.bin``, ``.pt``) are refused unless ``allow_pickle`` is set, because unpickling runs
+arbitrary code::
+
+    source = resolve_source("nlpconnect/vit-gpt2-image-captioning", allow_pickle=False)
+    source.path, source.config, source.weights_sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelkiln.errors import SourceModelError
+from modelkiln.manifest import sha256_file
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+SAFE_WEIGHTS = ("*.safetensors",)
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Everything but weights that from_pretrained and the runtime may read.
+SIDE_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model source resolved to a local folder."""
+
+    model: str  # what the user passed to --model
+    path: Path  # local folder holding config.json and the weights
+    config: dict[str, Any]  # parsed config.json
+    weight_files: tuple[str, ...]  # weight files relative to path, sorted
+    uses_pickle: bool  # True when the weights are pickle checkpoints (only with allow_pickle)
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 over every weight file's name and content hash: one id for the exported weights."""
+        digest = hashlib.sha256()
+        for name in self.weight_files:
+            digest.update(f"{name}\0{sha256_file(self.path / name)}\n".encode())
+        return digest.hexdigest()
+
+
+def _fetch_from_hub(model: str, allow_pickle: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = [*SIDE_FILES, *SAFE_WEIGHTS, *(PICKLE_WEIGHTS if allow_pickle else ())]
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as exc:
+        raise SourceModelError(
+            f"could not fetch {model!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "Check the id and your network, or pass a local directory saved with save_pretrained."
+        ) from exc
+
+
+def _local_path(model: str, allow_pickle: bool) -> Path:
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceModelError(
+                f"--model {model} is a file. Pass the directory saved with save_pretrained."
+            )
+        return path.absolute()
+    if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise SourceModelError(
+            f"--model {model} does not exist. Pass an existing directory saved with save_pretrained, "
+            "or a Hugging Face Hub id such as nlpconnect/vit-gpt2-image-captioning."
+        )
+    return _fetch_from_hub(model, allow_pickle)
+
+
+def _weight_files(path: Path, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    found = {p.relative_to(path).as_posix() for pattern in patterns for p in path.rglob(pattern)}
+    return tuple(sorted(found))
+
+
+def resolve_source(model: str, allow_pickle: bool = False) -> Source:
+    """Find config and weights for ``model``; refuse pickle weights unless ``allow_pickle``."""
+    path = _local_path(model, allow_pickle)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise SourceModelError(
+            f"{path} has no config.json. Pass a directory written by save_pretrained (for a pipeline, "
+            "the folder of its model component)."
+        )
+    config = json.loads(config_path.read_text())
+    safe = _weight_files(path, SAFE_WEIGHTS)
+    pickled = _weight_files(path, PICKLE_WEIGHTS)
+    if safe:
+        return Source(model, path, config, safe, uses_pickle=False)
+    if pickled and not allow_pickle:
+        raise SourceModelError(
+            f"{path} holds only pickle weights ({', '.join(pickled[:3])}). Loading pickle runs arbitrary "
+            "code; convert the model to safetensors, or pass --allow-pickle if you trust its origin."
+        )
+    if not pickled:
+        raise SourceModelError(
+            f"{path} has no weight files (*.safetensors). Save the model with save_pretrained."
+        )
+    return Source(model, path, config, pickled, uses_pickle=True)
+
+
+def copy_required(source: Source, name: str, directory: Path) -> None:
+    """Copy a file the runtime needs verbatim, or say which file is missing and why it matters."""
+    path = source.path / name
+    if not path.is_file():
+        raise SourceModelError(
+            f"{source.path} has no {name}, which the artifact's runtime needs. Save the model's processor "
+            f"next to it (processor.save_pretrained({str(source.path)!r}))."
+        )
+    shutil.copyfile(path, directory / name)

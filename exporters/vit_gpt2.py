@@ -1,0 +1,261 @@
+"""ViT-GPT2 captioning (``VisionEncoderDecoderModel``: ViT encoder, GPT-2 decoder with cross-attention).
+
+Two graphs, so generation never recomputes what it already knows:
+
+- ``encoder``: pixel_values -> the cross-attention keys and values of every decoder layer. They depend
+  only on the image, so they are computed once per image and reused by every decoding step.
+- ``decoder``: one decoding step with a self-attention KV cache. The past grows by the tokens fed;
+  the first step feeds the start token with an empty past (length 0), later steps one token each.
+
+Used by ``modelkiln.exporters.export.export_model``; see that module for the call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modelkiln.exporters.onnx_export import Component
+from modelkiln.exporters.source import Source, copy_required
+
+TASK = "image-to-text"
+
+
+def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
+    from transformers import VisionEncoderDecoderModel
+
+    return VisionEncoderDecoderModel.from_pretrained(
+        source.path,
+        use_safetensors=not source.uses_pickle,
+        trust_remote_code=trust_remote_code,
+        dtype=torch.float32,
+    ).eval()
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch, seq, width = x.shape
+    # [B, S, D] -> [B, H, S, D/H]
+    return x.view(batch, seq, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, seq, head_dim = x.shape
+    # [B, H, S, hd] -> [B, S, H*hd]
+    return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def _attend(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, T, S]
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(scores.softmax(dim=-1), v)  # [B, H, T, hd]
+
+
+def _attention_scale(config, layer_idx: int) -> float:
+    # Mirrors GPT2Attention: both flags are real GPT-2 config options, off in some fine-tunes.
+    scale = (config.n_embd // config.n_head) ** -0.5 if config.scale_attn_weights else 1.0
+    if config.scale_attn_by_inverse_layer_idx:
+        scale /= float(layer_idx + 1)
+    return scale
+
+
+class ViTCrossKVEncoder(nn.Module):
+    """Image -> per-layer cross-attention keys and values of the GPT-2 decoder."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.encoder = model.encoder
+        # VisionEncoderDecoderModel projects encoder states only when the widths differ.
+        self.projection = getattr(model, "enc_to_dec_proj", None) or nn.Identity()
+        self.blocks = model.decoder.transformer.h
+        self.num_heads = model.decoder.config.n_head
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        states = self.projection(self.encoder(pixel_values=pixel_values).last_hidden_state)
+        outputs = []
+        for block in self.blocks:
+            key, value = block.crossattention.c_attn(states).split(states.shape[-1], dim=2)
+            outputs += [_split_heads(key, self.num_heads), _split_heads(value, self.num_heads)]
+        return tuple(outputs)
+
+
+class GPT2CachedDecoderStep(nn.Module):
+    """One GPT-2 decoding step: new tokens + self-attention past + cross K/V -> last logits + present."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        lm = model.decoder
+        self.transformer = lm.transformer
+        self.lm_head = lm.lm_head
+        self.num_heads = lm.config.n_head
+        self.num_layers = lm.config.n_layer
+        self.scales = [_attention_scale(lm.config, i) for i in range(self.num_layers)]
+
+    def _causal_mask(self, attention_mask: torch.Tensor, new: int, past: int) -> torch.Tensor:
+        query_pos = torch.arange(new, device=attention_mask.device) + past
+        key_pos = torch.arange(past + new, device=attention_mask.device)
+        causal = key_pos[None, :] <= query_pos[:, None]  # [T, P+T]
+        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # [B, 1, T, P+T]
+        zero = torch.zeros((), dtype=torch.float32)
+        return torch.where(allowed, zero, torch.finfo(torch.float32).min)
+
+    def _self_attention(self, block, hidden, past_key, past_value, mask, scale):
+        query, key, value = block.attn.c_attn(block.ln_1(hidden)).split(hidden.shape[-1], dim=2)
+        key = torch.cat([past_key, _split_heads(key, self.num_heads)], dim=2)
+        value = torch.cat([past_value, _split_heads(value, self.num_heads)], dim=2)
+        out = _attend(_split_heads(query, self.num_heads), key, value, scale, mask)
+        return block.attn.c_proj(_merge_heads(out)), key, value
+
+    def _cross_attention(self, block, hidden, cross_key, cross_value, scale):
+        query = _split_heads(block.crossattention.q_attn(block.ln_cross_attn(hidden)), self.num_heads)
+        return block.crossattention.c_proj(_merge_heads(_attend(query, cross_key, cross_value, scale)))
+
+    def forward(self, input_ids, attention_mask, position_ids, *cache: torch.Tensor):
+        past, cross = cache[: 2 * self.num_layers], cache[2 * self.num_layers :]
+        hidden = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # [B, T, D]
+        mask = self._causal_mask(attention_mask, input_ids.shape[1], past[0].shape[2])
+        presents = []
+        for i, block in enumerate(self.transformer.h):
+            attn, key, value = self._self_attention(
+                block, hidden, past[2 * i], past[2 * i + 1], mask, self.scales[i]
+            )
+            hidden = hidden + attn
+            hidden = hidden + self._cross_attention(
+                block, hidden, cross[2 * i], cross[2 * i + 1], self.scales[i]
+            )
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+            presents += [key, value]
+        logits = self.lm_head(self.transformer.ln_f(hidden[:, -1]))  # [B, V]: generation needs the last only
+        return (logits, *presents)
+
+
+def _names(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def _image_shape(model: nn.Module) -> tuple[int, int, int]:
+    config = model.config.encoder
+    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    return (config.num_channels, *size)
+
+
+def build_components(model: nn.Module) -> list[Component]:
+    """The encoder and the cached decoder step, with example inputs and dynamic axes."""
+    layers = model.decoder.config.n_layer
+    heads = model.decoder.config.n_head
+    head_dim = model.decoder.config.n_embd // heads
+    encoder = ViTCrossKVEncoder(model)
+    pixel_values = torch.rand(2, *_image_shape(model))
+    cross_names = _names("cross_attention", layers)
+    with torch.no_grad():
+        cross = encoder(pixel_values)
+    batch, new, past = 2, 3, 4  # distinct sizes >1, so the tracer keeps every axis symbolic
+    decoder_inputs = {
+        "input_ids": torch.randint(0, model.decoder.config.vocab_size, (batch, new)),
+        "attention_mask": torch.ones(batch, past + new, dtype=torch.int64),
+        "position_ids": torch.arange(past, past + new).repeat(batch, 1),
+        **{name: torch.randn(batch, heads, past, head_dim) for name in _names("past_key_values", layers)},
+        **{name: tensor.contiguous() for name, tensor in zip(cross_names, cross, strict=True)},
+    }
+    batch_axis = {0: "batch"}
+    decoder_axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": batch_axis,
+        **{name: {0: "batch", 2: "past_sequence"} for name in _names("past_key_values", layers)},
+        **{name: {0: "batch", 2: "total_sequence"} for name in _names("present", layers)},
+        **{name: batch_axis for name in cross_names},
+    }
+    return [
+        Component(
+            name="encoder",
+            module=encoder,
+            example_inputs={"pixel_values": pixel_values},
+            output_names=tuple(cross_names),
+            dynamic_axes={"pixel_values": batch_axis, **{name: batch_axis for name in cross_names}},
+        ),
+        Component(
+            name="decoder",
+            module=GPT2CachedDecoderStep(model),
+            example_inputs=decoder_inputs,
+            output_names=("logits", *_names("present", layers)),
+            dynamic_axes=decoder_axes,
+        ),
+    ]
+
+
+def runtime_config(model: nn.Module) -> dict:
+    """What the runtime needs beyond the graphs: the decoder's cache layout and start token."""
+    decoder = model.decoder.config
+    return {
+        "decoder_start_token_id": model.config.decoder_start_token_id,
+        "num_layers": decoder.n_layer,
+        "num_heads": decoder.n_head,
+        "head_dim": decoder.n_embd // decoder.n_head,
+        "max_positions": decoder.n_positions,
+    }
+
+
+def save_runtime_files(source: Source, model: nn.Module, directory: Path) -> None:
+    """Tokenizer, image processor and generation config: what makes the artifact self-contained."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    # Saving through transformers always writes tokenizer.json, which the torch-free runtime reads.
+    AutoTokenizer.from_pretrained(source.path).save_pretrained(directory)
+    copy_required(source, "preprocessor_config.json", directory)
+    try:
+        generation = GenerationConfig.from_pretrained(source.path)
+    except OSError:  # older checkpoints keep their generation defaults in config.json only
+        generation = GenerationConfig.from_model_config(model.config)
+    generation.save_pretrained(directory)
+
+
+def validation_cases(
+    model: nn.Module, pixel_values: torch.Tensor
+) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
+    """Realistic inputs per component: real images, then a first and a later decoding step."""
+    encoder, decoder = (component.module for component in build_components(model))
+    layers, heads = model.decoder.config.n_layer, model.decoder.config.n_head
+    head_dim = model.decoder.config.n_embd // heads
+    batch = pixel_values.shape[0]
+    with torch.no_grad():
+        cross = dict(zip(_names("cross_attention", layers), encoder(pixel_values), strict=True))
+    start = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.int64)
+    first = {
+        "input_ids": start,
+        "attention_mask": torch.ones(batch, 1, dtype=torch.int64),
+        "position_ids": torch.zeros(batch, 1, dtype=torch.int64),
+        **{name: torch.zeros(batch, heads, 0, head_dim) for name in _names("past_key_values", layers)},
+        **cross,
+    }
+    with torch.no_grad():
+        _, *present = decoder(*first.values())
+    later = {
+        **first,
+        "input_ids": torch.randint(0, model.decoder.config.vocab_size, (batch, 1)),
+        "attention_mask": torch.ones(batch, 2, dtype=torch.int64),
+        "position_ids": torch.ones(batch, 1, dtype=torch.int64),
+        **dict(zip(_names("past_key_values", layers), present, strict=True)),
+    }
+    return [
+        ("encoder", "images", {"pixel_values": pixel_values}),
+        ("decoder", "first step", first),
+        ("decoder", "second step", later),
+    ]
+
+
+def torch_captions(model: nn.Module, pixel_values: torch.Tensor, **generation) -> list[list[int]]:
+    """PyTorch ``generate`` tokens after the start token: what the artifact must match."""
+    with torch.no_grad():
+        sequences = model.generate(pixel_values=pixel_values, **generation)
+    return [[int(t) for t in row[1:]] for row in sequences]
+
+
+def reference_processor(source: Source):
+    """The model's own image processor, to preprocess validation images on the PyTorch side."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(source.path)

@@ -1,0 +1,168 @@
+"""The artifact manifest: what an exported artifact is, where it came from, and how to check it.
+
+An artifact is a directory holding ONNX graphs, the files the runtime needs (tokenizer, image
+processor, generation config) and ``manifest.json``. The manifest is written last, so a directory
+without one is never a finished artifact::
+
+    manifest = read_manifest("out/vit-gpt2")        # ArtifactError if it is not an artifact
+    problems = verify_files("out/vit-gpt2", manifest)  # [] when every file matches its sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from modelkiln.errors import ArtifactError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "modelkiln-artifact"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str  # ONNX value name, the key the runtime feeds or reads
+    dtype: str  # numpy dtype name ("float32", "int64")
+    shape: list[int | str]  # ints are fixed sizes, strings name dynamic axes ("batch", "past_sequence")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One ONNX graph of the artifact."""
+
+    file: str  # graph file, relative to the artifact directory
+    external_data: str | None  # weights file beside the graph, or None when they are inside it
+    inputs: list[TensorSpec]  # in graph order
+    outputs: list[TensorSpec]  # in graph order
+    precision: str = "fp32"  # weight precision of this graph: fp32, fp16, int8, int4
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """The model the artifact was exported from."""
+
+    model: str  # hub id or local path as the user gave it
+    weights_sha256: str  # sha256 over the weight files (name and content, sorted by name)
+    weight_files: list[str]  # the weight files that hash covers
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything an artifact says about itself; serialised as manifest.json."""
+
+    family: str  # key in modelkiln.registry.FAMILIES
+    task: str  # what the runtime pipeline does, e.g. "image-to-text"
+    source: SourceSpec  # what was exported
+    opset: int  # ONNX default-domain opset of every graph
+    precision: str  # overall precision of the artifact: fp32 for a plain export
+    components: dict[str, ComponentSpec]  # graph name -> graph description
+    runtime: dict[str, Any]  # family settings the runtime needs (layer counts, token ids)
+    files: dict[str, str] = field(default_factory=dict)  # every file but the manifest -> sha256
+    tools: dict[str, str] = field(default_factory=dict)  # library versions that made the artifact
+    parent: dict[str, Any] | None = None  # artifact this one was derived from (quantization), with its hash
+    quantization: dict[str, Any] | None = None  # scheme and recipe that made it, if any
+    validation: dict[str, Any] | None = None  # latest `kiln validate` results, if any
+    format: str = FORMAT_NAME  # marks the directory as a modelkiln artifact
+    format_version: int = FORMAT_VERSION  # bumped on incompatible changes
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    def with_validation(self, report: dict[str, Any]) -> Manifest:
+        return replace(self, validation=report)
+
+
+def _tensor_specs(items: list[dict]) -> list[TensorSpec]:
+    return [TensorSpec(**item) for item in items]
+
+
+def manifest_from_dict(data: dict[str, Any]) -> Manifest:
+    components = {
+        name: ComponentSpec(
+            **{**spec, "inputs": _tensor_specs(spec["inputs"]), "outputs": _tensor_specs(spec["outputs"])}
+        )
+        for name, spec in data["components"].items()
+    }
+    return Manifest(**{**data, "components": components, "source": SourceSpec(**data["source"])})
+
+
+def read_manifest(artifact_dir: str | os.PathLike) -> Manifest:
+    """Read and check the manifest of an artifact directory."""
+    directory = Path(artifact_dir)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is not a directory. Pass the folder `kiln export` wrote.")
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory} is not a modelkiln artifact: it has no {MANIFEST_NAME}. "
+            "Pass a folder written by `kiln export`, or re-export it (an interrupted export leaves none)."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is unreadable ({exc}). Re-export the artifact.") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path} is not a modelkiln manifest. Pass a folder written by `kiln export`.")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format version {data.get('format_version')}, this modelkiln reads version "
+            f"{FORMAT_VERSION}. Re-export the artifact with this modelkiln version."
+        )
+    try:
+        return manifest_from_dict(data)
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path} is incomplete or malformed ({exc}). Re-export the artifact.") from exc
+
+
+def write_manifest(artifact_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Write manifest.json atomically, so a reader never sees half a manifest."""
+    path = Path(artifact_dir) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(directory: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file in the directory tree except the manifest, keyed by relative POSIX path."""
+    root = Path(directory)
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+def verify_files(artifact_dir: str | os.PathLike, manifest: Manifest) -> list[str]:
+    """Every difference between the directory and the manifest's file hashes, as readable lines."""
+    actual = hash_files(artifact_dir)
+    problems = [f"missing: {name}" for name in manifest.files if name not in actual]
+    problems += [
+        f"changed: {name} (sha256 {actual[name][:12]}..., manifest says {digest[:12]}...)"
+        for name, digest in manifest.files.items()
+        if name in actual and actual[name] != digest
+    ]
+    problems += [f"unexpected: {name} (not in the manifest)" for name in actual if name not in manifest.files]
+    return problems
+
+
+def artifact_hash(manifest: Manifest) -> str:
+    """One sha256 naming the artifact's content: a hash over its file hashes."""
+    digest = hashlib.sha256()
+    for name, file_hash in sorted(manifest.files.items()):
+        digest.update(f"{name}\0{file_hash}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,89 @@
+"""The family registry: which model families modelkiln exports, and how each is detected and run.
+
+``FAMILIES`` is a plain dict from family name to ``Family``. Exporter and runtime are named by import
+path and loaded lazily, so running an artifact never imports the exporters (and with them, torch)::
+
+    family = get_family("vit-gpt2")
+    family = detect_family(config_dict)            # from a model's config.json
+    exporter = family.load_exporter()              # module with COMPONENTS, build_components(), ...
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from modelkiln.errors import UnsupportedModelError
+
+
+def _sub_type(config: dict[str, Any], key: str) -> str | None:
+    sub = config.get(key)
+    return sub.get("model_type") if isinstance(sub, dict) else None
+
+
+def _is_vit_gpt2(config: dict[str, Any]) -> bool:
+    return (
+        config.get("model_type") == "vision-encoder-decoder"
+        and _sub_type(config, "encoder") in {"vit", "deit"}
+        and _sub_type(config, "decoder") == "gpt2"
+    )
+
+
+@dataclass(frozen=True)
+class Family:
+    """One exportable model family."""
+
+    name: str  # registry key, also written into the manifest
+    description: str  # one line for `kiln families` and error messages
+    task: str  # runtime task the artifact serves
+    matches: Callable[[dict[str, Any]], bool]  # True when a config.json dict belongs to this family
+    exporter: str  # module path of the exporter (imports torch)
+    pipeline: str  # "module:Class" of the runtime pipeline (no torch)
+
+    def load_exporter(self):
+        return importlib.import_module(self.exporter)
+
+    def load_pipeline_class(self):
+        module, _, name = self.pipeline.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+FAMILIES: dict[str, Family] = {
+    "vit-gpt2": Family(
+        name="vit-gpt2",
+        description="VisionEncoderDecoderModel with a ViT encoder and a GPT-2 decoder (image captioning)",
+        task="image-to-text",
+        matches=_is_vit_gpt2,
+        exporter="modelkiln.exporters.vit_gpt2",
+        pipeline="modelkiln.runtime.captioning:CaptioningPipeline",
+    ),
+}
+
+
+def family_names() -> str:
+    return ", ".join(sorted(FAMILIES))
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"unknown family {name!r}. Supported families: {family_names()}."
+        ) from None
+
+
+def detect_family(config: dict[str, Any], source: str = "the model") -> Family:
+    """The family whose detector accepts this config.json dict."""
+    found = [family for family in FAMILIES.values() if family.matches(config)]
+    if not found:
+        kind = config.get("model_type", "unknown")
+        archs = ", ".join(config.get("architectures") or []) or "none listed"
+        raise UnsupportedModelError(
+            f"{source} (model_type {kind!r}, architectures: {archs}) is not a supported family. "
+            f"Supported families: {family_names()}. If it is one of them under another name, "
+            "force it with --family."
+        )
+    return found[0]

@@ -1,0 +1,163 @@
+"""Validate an artifact against the PyTorch model it came from.
+
+Two checks, both recorded in a JSON report and in the artifact's manifest:
+
+1. per component, the largest absolute difference between the ONNX graph and the PyTorch wrapper on
+   the same realistic inputs, against a tolerance;
+2. end to end, the artifact's caption tokens against PyTorch ``generate`` with the same settings,
+   greedy and beam search, over a set of images (the drawn fixture images unless a folder is given).
+
+    report = validate_artifact("out/vit-gpt2", "nlpconnect/vit-gpt2-image-captioning")
+    report["passed"]   # False -> `kiln validate` exits 1
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelkiln.errors import ImageInputError
+from modelkiln.manifest import read_manifest, write_manifest
+from modelkiln.registry import get_family
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """What `kiln validate` compares and how strictly."""
+
+    atol: float = 1e-4  # absolute tolerance per component output
+    rtol: float = 1e-4  # relative part, times the largest reference magnitude (logits reach the 100s)
+    images: str | None = None  # folder of validation images; None draws fixture images
+    num_images: int = 8  # drawn images when no folder is given
+    max_new_tokens: int = 16  # caption length compared end to end
+    beams: tuple[int, ...] = (1, 4)  # decoding modes compared: 1 = greedy
+    allow_pickle: bool = False  # passed to the source loader, as for export
+    backend: str = "cpu"  # runtime backend the artifact is run on
+    update_manifest: bool = True  # record the report in manifest.json
+
+
+def validation_images(config: ValidateConfig) -> tuple[list, str]:
+    """The images to validate on, and a description for the report."""
+    if config.images is None:
+        from modelkiln.fixtures import shapes
+
+        return [shapes.draw(seed)[0] for seed in range(90_000, 90_000 + config.num_images)], (
+            f"{config.num_images} drawn fixture images (seeds 90000+)"
+        )
+    folder = Path(config.images)
+    files = (
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    )
+    if not files:
+        raise ImageInputError(
+            f"--images {folder} is not a folder of images ({', '.join(sorted(IMAGE_SUFFIXES))})."
+        )
+    return files, f"{len(files)} images from {folder}"
+
+
+def _compare(session, outputs: list[str], inputs: dict, expected, config: ValidateConfig) -> dict[str, Any]:
+    """The output furthest beyond (or closest to) its tolerance, with its max abs diff."""
+    feeds = {name: tensor.numpy() for name, tensor in inputs.items()}
+    rows = []
+    for name, got, want in zip(outputs, session.run(outputs, feeds), expected, strict=True):
+        want = want.numpy()
+        diff = float(np.max(np.abs(got - want))) if want.size else 0.0
+        limit = config.atol + config.rtol * (float(np.max(np.abs(want))) if want.size else 0.0)
+        finite = bool(np.isfinite(got).all())
+        rows.append({"output": name, "max_abs_diff": diff, "limit": limit, "finite": finite})
+    worst = max(rows, key=lambda row: (not row["finite"], row["max_abs_diff"] - row["limit"]))
+    return {**worst, "passed": worst["finite"] and worst["max_abs_diff"] <= worst["limit"]}
+
+
+def compare_components(pipe, exporter, model, pixel_values, config: ValidateConfig) -> dict[str, Any]:
+    """Max abs diff per component and case (e.g. decoder first step, later step)."""
+    import torch
+
+    modules = {component.name: component.module for component in exporter.build_components(model)}
+    sessions = {"encoder": pipe.encoder, "decoder": pipe.decoder_session}
+    results: dict[str, Any] = {}
+    for name, case, inputs in exporter.validation_cases(model, pixel_values):
+        with torch.no_grad():
+            expected = modules[name](*inputs.values())
+        outputs = [value.name for value in sessions[name].get_outputs()]
+        results[f"{name}: {case}"] = _compare(sessions[name], outputs, inputs, expected, config)
+    return results
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def compare_captions(pipe, exporter, model, images, torch_pixels, config: ValidateConfig) -> dict[str, Any]:
+    """Token-exact caption match per decoding mode, plus the mismatching captions for reading."""
+    ours_pixels = pipe.preprocess(images)
+    results = {}
+    for beams in config.beams:
+        options = {"max_new_tokens": config.max_new_tokens, "num_beams": beams, "do_sample": False}
+        settings = pipe.settings(**options)
+        eos = set(settings.eos_token_ids)
+        ours = [_until_eos(t, eos) for t in pipe.generate_tokens(ours_pixels, settings)]
+        theirs = [_until_eos(t, eos) for t in exporter.torch_captions(model, torch_pixels, **options)]
+        mismatches = [
+            {"image": i, "artifact": pipe.codec.decode(a), "pytorch": pipe.codec.decode(b)}
+            for i, (a, b) in enumerate(zip(ours, theirs, strict=True))
+            if a != b
+        ]
+        results["greedy" if beams == 1 else f"beam{beams}"] = {
+            "matches": len(ours) - len(mismatches),
+            "total": len(ours),
+            "empty_captions": sum(not pipe.codec.decode(a).strip() for a in ours),
+            "examples": [pipe.codec.decode(a) for a in ours[:3]],
+            "mismatches": mismatches,
+            "passed": not mismatches,
+        }
+    return results
+
+
+def validate_artifact(
+    artifact_dir: str | os.PathLike, model: str, config: ValidateConfig = ValidateConfig()
+) -> dict:
+    """Compare an artifact with its PyTorch source; return (and record) the report."""
+    import torch
+
+    from modelkiln import runtime
+    from modelkiln.exporters.source import resolve_source
+    from modelkiln.runtime.images import load_images
+
+    # 1. Load both sides: the artifact through the runtime, the source through the family exporter.
+    manifest = read_manifest(artifact_dir)
+    pipe = runtime.load(artifact_dir, backend=config.backend)
+    exporter = get_family(manifest.family).load_exporter()
+    source = resolve_source(model, allow_pickle=config.allow_pickle)
+    torch_model = exporter.load_model(source)
+    # 2. Preprocess the images: ours for the artifact, the model's own processor for PyTorch.
+    images, description = validation_images(config)
+    pil_images = load_images(images)
+    processor = exporter.reference_processor(source)
+    torch_pixels = processor(images=pil_images, return_tensors="pt")["pixel_values"].to(torch.float32)
+    # 3. Compare components, then captions.
+    components = compare_components(pipe, exporter, torch_model, torch_pixels, config)
+    captions = compare_captions(pipe, exporter, torch_model, pil_images, torch_pixels, config)
+    passed = all(r["passed"] for r in components.values()) and all(r["passed"] for r in captions.values())
+    report = {
+        "passed": passed,
+        "model": model,
+        "source_matches_manifest": source.weights_sha256 == manifest.source.weights_sha256,
+        "images": description,
+        "settings": {k: v for k, v in asdict(config).items() if k not in {"update_manifest", "allow_pickle"}},
+        "components": components,
+        "captions": captions,
+    }
+    # 4. Record the result in the artifact itself.
+    if config.update_manifest:
+        write_manifest(artifact_dir, manifest.with_validation(report))
+    return report

@@ -1,0 +1,47 @@
+"""Runtime: runs exported artifacts without PyTorch.
+
+    from modelkiln import runtime
+    pipe = runtime.load("out/vit-gpt2", backend="cpu", threads=2)
+    pipe("cat.jpg")                      # [{"generated_text": "a cat on a couch"}]
+    pipe(["a.jpg", "b.png"], num_beams=4)  # [[{...}], [{...}]]
+
+``load`` reads the manifest, checks the files against it and returns the pipeline the artifact's
+family registers. Nothing here imports torch or transformers' modeling code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from modelkiln.errors import ArtifactError
+from modelkiln.manifest import read_manifest, verify_files
+from modelkiln.registry import get_family
+
+from .session import BACKENDS, RuntimeOptions
+
+__all__ = ["BACKENDS", "RuntimeOptions", "load"]
+
+
+def _check_files(directory: Path, manifest, verify: bool) -> None:
+    if verify:
+        problems = verify_files(directory, manifest)
+    else:
+        problems = [f"missing: {name}" for name in manifest.files if not (directory / name).is_file()]
+    if problems:
+        raise ArtifactError(
+            f"{directory} does not match its manifest: {'; '.join(problems)}. "
+            "Re-export or re-copy the artifact (`kiln verify` lists every difference)."
+        )
+
+
+def load(
+    artifact_dir: str | os.PathLike, backend: str = "cpu", threads: int | None = None, verify: bool = True
+):
+    """Load an artifact directory and return its runtime pipeline."""
+    directory = Path(artifact_dir).absolute()
+    manifest = read_manifest(directory)
+    _check_files(directory, manifest, verify)
+    options = RuntimeOptions(backend=backend, threads=threads, verify=verify)
+    pipeline_class = get_family(manifest.family).load_pipeline_class()
+    return pipeline_class(directory, manifest, options)

@@ -1,0 +1,61 @@
+"""ONNX Runtime sessions for artifact graphs, and the backend registry that chooses their providers.
+
+options = RuntimeOptions(backend="cpu", threads=2)
+session = create_session(artifact_dir / "decoder.onnx", options)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+from modelkiln.errors import KilnError
+
+# Backend name -> onnxruntime execution providers, in preference order. CPU stays last so that
+# operators a GPU provider lacks still run.
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+_INSTALL_HINT = {
+    "cuda": "install the GPU build: pip install 'modelkiln[gpu]' (onnxruntime-gpu) on a machine with CUDA",
+    "tensorrt": "install onnxruntime-gpu built with TensorRT, and TensorRT itself ('modelkiln[tensorrt]')",
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the runtime runs an artifact's graphs."""
+
+    backend: str = "cpu"  # key of BACKENDS
+    threads: int | None = None  # intra-op threads per session; None lets onnxruntime use every core
+    verify: bool = True  # hash every file against the manifest before loading (catches altered files)
+
+
+def providers_for(backend: str) -> list[str]:
+    """The providers of a backend, or an error naming the valid backends / the missing install."""
+    if backend not in BACKENDS:
+        raise KilnError(f"unknown backend {backend!r}. Valid backends: {', '.join(BACKENDS)}.")
+    wanted = BACKENDS[backend]
+    available = set(ort.get_available_providers())
+    if wanted[0] not in available:
+        raise KilnError(
+            f"backend {backend!r} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks "
+            f"(available: {', '.join(sorted(available))}). To fix it, {_INSTALL_HINT[backend]}; "
+            "or use --backend cpu."
+        )
+    return list(wanted)
+
+
+def create_session(path: str | os.PathLike, options: RuntimeOptions) -> ort.InferenceSession:
+    settings = ort.SessionOptions()
+    if options.threads is not None:
+        settings.intra_op_num_threads = options.threads
+        settings.inter_op_num_threads = 1
+    settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Loading by path lets onnxruntime resolve external data relative to the graph, whatever the cwd.
+    return ort.InferenceSession(os.fspath(path), settings, providers=providers_for(options.backend))

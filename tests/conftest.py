@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny source models and their exported artifacts, built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import TINY_VIT_GPT2, save_tiny_vit_gpt2
+
+from modelkiln.exporters.export import ExportConfig, export_model
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_VIT_GPT2))
+def vit_gpt2_source(request, tmp_path_factory):
+    """A tiny ViT-GPT2 saved like save_pretrained, once per config."""
+    return save_tiny_vit_gpt2(tmp_path_factory.mktemp(f"src-{request.param}"), TINY_VIT_GPT2[request.param])
+
+
+@pytest.fixture(scope="session")
+def vit_gpt2_artifact(vit_gpt2_source, tmp_path_factory):
+    """(source dir, artifact dir) for each tiny config."""
+    out = tmp_path_factory.mktemp("art") / "artifact"
+    export_model(vit_gpt2_source, out)
+    return vit_gpt2_source, out
+
+
+@pytest.fixture(scope="session")
+def small_source(tmp_path_factory):
+    """One tiny ViT-GPT2 for tests that need any model (bad input, CLI)."""
+    return save_tiny_vit_gpt2(tmp_path_factory.mktemp("small-src"), TINY_VIT_GPT2["a"])
+
+
+@pytest.fixture(scope="session")
+def small_artifact(small_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("small-art") / "artifact"
+    export_model(small_source, out, ExportConfig(external_data=True))
+    return out
