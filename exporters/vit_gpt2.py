@@ -247,8 +247,12 @@ def validation_cases(
     ]
 
 
-def torch_captions(model: nn.Module, pixel_values: torch.Tensor, **generation) -> list[list[int]]:
+def torch_captions(
+    model: nn.Module, pixel_values: torch.Tensor, prompt: str | None, **generation
+) -> list[list[int]]:
     """PyTorch ``generate`` tokens after the start token: what the artifact must match."""
+    if prompt is not None:
+        raise ValueError("vit-gpt2 captions without a prompt")
     with torch.no_grad():
         sequences = model.generate(pixel_values=pixel_values, **generation)
     return [[int(t) for t in row[1:]] for row in sequences]

@@ -77,7 +77,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from modelkiln import runtime
 
     pipe = runtime.load(args.artifact, backend=args.backend, threads=args.threads)
-    results = pipe(list(args.images), **_generation_options(args))
+    results = pipe(list(args.images), prompt=args.prompt, **_generation_options(args))
     captions = [result[0]["generated_text"] for result in results]
     if args.json:
         print(
@@ -110,6 +110,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = ValidateConfig(
         atol=args.atol,
+        prompts=(None, *args.prompt),
         images=args.images,
         num_images=args.num_images,
         allow_pickle=args.allow_pickle,
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("artifact")
     caption.add_argument("images", nargs="+", help="image files")
     caption.add_argument("--json", action="store_true", help="print JSON")
+    caption.add_argument("--prompt", help="text the caption starts from (families that take one, e.g. BLIP)")
     _add_generation_flags(caption)
     _add_runtime_flags(caption)
     caption.set_defaults(run=cmd_caption)
@@ -225,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--model", required=True, help="the source the artifact was exported from")
     validate.add_argument("--images", help="folder of validation images (default: drawn fixture images)")
     validate.add_argument("--num-images", type=int, default=8, help="drawn images when --images is not given")
+    validate.add_argument(
+        "--prompt", action="append", default=[], help="also compare captions with this prompt (repeatable)"
+    )
     validate.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance per component")
     validate.add_argument("--report", help="also write the JSON report to this file")
     validate.add_argument("--json", action="store_true", help="print the JSON report")

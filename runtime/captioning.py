@@ -53,6 +53,8 @@ class OrtCachedDecoder:
     ):
         self.session = session
         self.output_names = [value.name for value in session.get_outputs()]
+        # The exporter drops inputs a graph does not use (BLIP's text decoder derives positions itself).
+        self.input_names = {value.name for value in session.get_inputs()}
         self._static_arrays = static
         self._past_specs = past_specs
         self.batch = next(iter(static.values())).shape[0]
@@ -85,6 +87,7 @@ class OrtCachedDecoder:
             **self.past,
             **self.static,
         }
+        feeds = {name: value for name, value in feeds.items() if name in self.input_names}
         outputs = dict(
             zip(self.output_names, self.session.run_with_ort_values(self.output_names, feeds), strict=True)
         )
@@ -110,8 +113,11 @@ class CaptioningPipeline:
         self.directory = directory
         self.manifest = manifest
         self.options = options
-        self.encoder = create_session(directory / manifest.components["encoder"].file, options)
-        self.decoder_session = create_session(directory / manifest.components["decoder"].file, options)
+        self.sessions = {
+            name: create_session(directory / spec.file, options) for name, spec in manifest.components.items()
+        }
+        self.encoder = self.sessions["encoder"]
+        self.decoder_session = self.sessions["decoder"]
         self.preprocess = ImagePreprocessor.from_config(self._json("preprocessor_config.json"))
         self.codec = TextCodec.from_dir(directory)
         self.generation_config = self._json("generation_config.json")
@@ -122,16 +128,15 @@ class CaptioningPipeline:
     def _json(self, name: str) -> dict[str, Any]:
         return json.loads((self.directory / name).read_text())
 
-    def settings(self, **overrides: Any) -> GenerationSettings:
+    def settings(self, prompt_length: int = 1, **overrides: Any) -> GenerationSettings:
         """Generation settings: the artifact's generation_config.json, then the caller's overrides."""
-        settings = GenerationSettings.from_generation_config(
-            self.generation_config, prompt_length=1, **overrides
-        )
+        config = self.generation_config
+        settings = GenerationSettings.from_generation_config(config, prompt_length=prompt_length, **overrides)
         limit = self.manifest.runtime.get("max_positions")
-        if limit is not None and 1 + settings.max_new_tokens > limit:
+        if limit is not None and prompt_length + settings.max_new_tokens > limit:
             raise GenerationConfigError(
-                f"max_new_tokens={settings.max_new_tokens} exceeds the decoder's {limit} positions. "
-                f"Ask for at most {limit - 1} new tokens."
+                f"{prompt_length} prompt tokens plus max_new_tokens={settings.max_new_tokens} exceed the "
+                f"decoder's {limit} positions. Ask for at most {limit - prompt_length} new tokens."
             )
         return settings
 
@@ -140,25 +145,49 @@ class CaptioningPipeline:
         outputs = self.encoder.run(self.encoder_outputs, {"pixel_values": pixel_values})
         return dict(zip(self.encoder_outputs, outputs, strict=True))
 
-    def generate_tokens(self, pixel_values: np.ndarray, settings: GenerationSettings) -> list[list[int]]:
-        decoder = OrtCachedDecoder(self.decoder_session, self.encode(pixel_values), self.past_specs)
-        batch = pixel_values.shape[0]
-        start = self.manifest.runtime["decoder_start_token_id"]
-        prompt = np.full((batch, 1), start, dtype=np.int64)
-        return generate(decoder, prompt, np.ones_like(prompt), settings)
+    def make_decoder(self, pixel_values: np.ndarray):
+        """The ``StepDecoder`` generation runs on: encoder outputs as its static inputs."""
+        return OrtCachedDecoder(self.decoder_session, self.encode(pixel_values), self.past_specs)
 
-    def __call__(self, images: Any, batch_size: int | None = None, **generation: Any) -> list:
+    def prompt_ids(self, prompt: str | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoder prompt ids and mask [batch, T]. Families that take a text prompt override this."""
+        if prompt is not None:
+            raise GenerationConfigError(
+                f"family {self.manifest.family} does not take a text prompt; call the pipeline without "
+                "prompt=."
+            )
+        start = self.manifest.runtime["decoder_start_token_id"]
+        ids = np.full((batch, 1), start, dtype=np.int64)
+        return ids, np.ones_like(ids)
+
+    def texts(self, prompt_ids: np.ndarray, tokens: list[list[int]]) -> list[str]:
+        """Captions from generated tokens; families whose transformers output includes the prompt override."""
+        return self.codec.batch_decode(tokens)
+
+    def generate_tokens(
+        self, pixel_values: np.ndarray, prompt: str | None = None, **generation: Any
+    ) -> tuple[np.ndarray, list[list[int]]]:
+        """Prompt ids and generated tokens (without the prompt) for one batch of preprocessed images."""
+        ids, mask = self.prompt_ids(prompt, pixel_values.shape[0])
+        settings = self.settings(prompt_length=ids.shape[1], **generation)
+        return ids, generate(self.make_decoder(pixel_values), ids, mask, settings)
+
+    def __call__(
+        self, images: Any, prompt: str | None = None, batch_size: int | None = None, **generation: Any
+    ) -> list:
         """Caption one image or a list of them (paths, PIL images or numpy arrays).
 
-        Generation options (max_new_tokens, num_beams, do_sample, top_k, top_p, temperature, seed,
-        length_penalty, early_stopping, ...) override the artifact's generation_config.json.
+        ``prompt`` conditions the caption on a text prefix (families that support it). Generation
+        options (max_new_tokens, num_beams, do_sample, top_k, top_p, temperature, seed, length_penalty,
+        early_stopping, ...) override the artifact's generation_config.json.
         """
         single = not isinstance(images, (list, tuple))
         pil_images = load_images(images)
-        settings = self.settings(**generation)
         step = batch_size or len(pil_images)
-        tokens: list[list[int]] = []
+        texts: list[str] = []
         for start in range(0, len(pil_images), step):
-            tokens += self.generate_tokens(self.preprocess(pil_images[start : start + step]), settings)
-        results = [[{"generated_text": text}] for text in self.codec.batch_decode(tokens)]
+            pixel_values = self.preprocess(pil_images[start : start + step])
+            ids, tokens = self.generate_tokens(pixel_values, prompt, **generation)
+            texts += self.texts(ids, tokens)
+        results = [[{"generated_text": text}] for text in texts]
         return results[0] if single else results

@@ -44,8 +44,10 @@ def test_captions_match_pytorch_token_for_token(vit_gpt2_artifact, num_beams):
     source, artifact = vit_gpt2_artifact
     images = mixed_images()
     pipe = runtime.load(artifact)
-    settings = pipe.settings(max_new_tokens=10, num_beams=num_beams, do_sample=False)
-    ours = [_until_eos(t, 2) for t in pipe.generate_tokens(pipe.preprocess(images), settings)]
+    _, tokens = pipe.generate_tokens(
+        pipe.preprocess(images), max_new_tokens=10, num_beams=num_beams, do_sample=False
+    )
+    ours = [_until_eos(t, 2) for t in tokens]
     theirs = torch_tokens(source, images, max_new_tokens=10, num_beams=num_beams, do_sample=False)
     assert ours == theirs
     assert len({tuple(t) for t in ours}) > 1, "captions should differ between images"
