@@ -263,3 +263,9 @@ def reference_processor(source: Source):
     from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(source.path)
+
+
+# Components each quantization scheme touches by default (`kiln quantize --components` overrides).
+# Both graphs are mostly weight matmuls: the encoder is compute-bound (int8 GEMM is ~2x fp32 here) and
+# the decoder is bandwidth-bound per token (fewer weight bytes per step), so both gain from either.
+QUANTIZE_RECIPES = {"int8-dynamic": ("encoder", "decoder"), "int4-weight": ("encoder", "decoder")}

@@ -172,6 +172,43 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scheme_options(pairs: list[str]) -> dict:
+    """``--option block_size=64`` pairs, typed by the scheme table's defaults (checked there)."""
+    from modelkiln.quantize.schemes import parse_option
+
+    return dict(parse_option(pair) for pair in pairs)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
+
+    config = QuantizeConfig(
+        scheme=args.scheme,
+        components=tuple(args.components) if args.components else None,
+        exclude=tuple(args.exclude),
+        options=_scheme_options(args.option),
+        min_agreement=args.min_agreement,
+        num_images=args.num_images,
+        overwrite=args.overwrite,
+    )
+    with _status(f"quantizing {args.artifact} with {args.scheme}") as update:
+        manifest = quantize_artifact(args.artifact, args.out, config, log=update)
+    parent_size = sum(p.stat().st_size for p in Path(args.artifact).iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file())
+    console.print(
+        f"{args.scheme}: {size / 1e6:.2f} MB ({size / parent_size:.0%} of the parent's {parent_size / 1e6:.2f} MB)"
+    )
+    for name, stats in manifest.quantization["nodes"].items():
+        console.print(
+            f"  {name}: {stats['quantized_nodes']} {stats['node_type']} nodes, {len(stats['excluded_nodes'])} excluded"
+        )
+    quality = manifest.quantization["quality"]
+    figures = ", ".join(f"{k} {v}" for k, v in quality.items() if isinstance(v, (int, float)))
+    console.print(f"  quality vs parent: {figures}")
+    _next(f"kiln caption {args.out} IMAGE")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from modelkiln.demo import run_demo
 
@@ -238,6 +275,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--backend", default="cpu", help="execution backend")
     validate.set_defaults(run=cmd_validate)
+
+    from modelkiln.quantize.schemes import SCHEMES
+
+    quantize = commands.add_parser(
+        "quantize", help="make a quantized variant and measure it against its parent"
+    )
+    quantize.add_argument("artifact")
+    quantize.add_argument("--scheme", required=True, choices=list(SCHEMES), help="quantization scheme")
+    quantize.add_argument("--out", required=True, help="variant directory to create")
+    quantize.add_argument("--components", nargs="+", help="graphs to quantize (default: the family's recipe)")
+    quantize.add_argument("--exclude", action="append", default=[], help="node or module pattern kept fp32")
+    options_help = "; ".join(
+        f"{s.name}: {', '.join(f'{k}={v}' for k, v in s.options.items())}" for s in SCHEMES.values()
+    )
+    quantize.add_argument(
+        "--option", action="append", default=[], help=f"scheme option KEY=VALUE ({options_help})"
+    )
+    quantize.add_argument(
+        "--min-agreement", type=float, help="fail below this caption match rate vs the parent"
+    )
+    quantize.add_argument(
+        "--num-images", type=int, default=16, help="held-out images for the quality figures"
+    )
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    quantize.set_defaults(run=cmd_quantize)
 
     inspect = commands.add_parser("inspect", help="summarise an artifact's manifest")
     inspect.add_argument("artifact")

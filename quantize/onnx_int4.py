@@ -1,0 +1,62 @@
+"""int4 weight-only quantization with onnxruntime's MatMulNBits (block-wise, RTN or HQQ).
+
+Weights are stored as 4-bit blocks with one scale (and zero point when asymmetric) per block; the
+activations stay fp32. On CPUs without VNNI the speed-up comes only with ``accuracy_level=4``
+(int8 compute inside MatMulNBits); without it, decode is no faster than fp32, so 4 is the default. ::
+
+    stats = quantize_int4_weight(model, out_path, {"block_size": 32}, exclude=[], external_data=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import onnx
+
+from .graph_prep import count_ops, quiet_quantizer_logs, weight_matmuls
+
+ALGORITHMS = ("rtn", "hqq")  # GPTQ needs calibration data through onnxruntime's own reader; not offered
+
+
+def _algo_config(options: dict):
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits  # imported under quiet logs
+
+    algorithm = options.get("algorithm", "rtn")
+    if algorithm == "hqq":
+        return nbits.HQQWeightOnlyQuantConfig(block_size=options.get("block_size", 32), bits=4)
+    return nbits.RTNWeightOnlyQuantConfig()
+
+
+def quantize_int4_weight(
+    model: onnx.ModelProto, out_path: Path, options: dict, exclude: list[str], external_data: bool
+) -> dict:
+    """Replace every constant-weight MatMul not excluded by MatMulNBits; return the node count."""
+    with quiet_quantizer_logs():
+        return _quantize(model, out_path, options, exclude, external_data)
+
+
+def _quantize(model: onnx.ModelProto, out_path: Path, options: dict, exclude: list[str], external_data: bool):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    skip = [name for name in _all_matmuls(model) if name in exclude or name not in weight_matmuls(model)]
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=options.get("block_size", 32),
+        is_symmetric=options.get("symmetric", True),
+        accuracy_level=options.get("accuracy_level", 4),
+        nodes_to_exclude=skip,
+        algo_config=_algo_config(options),
+    )
+    # The quantizer prints a progress bar per node to stdout; keep the CLI's output readable.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(out_path), use_external_data_format=external_data)
+    counts = count_ops(onnx.load(str(out_path), load_external_data=False))
+    return {"quantized_nodes": counts.get("MatMulNBits", 0), "node_type": "MatMulNBits"}
+
+
+def _all_matmuls(model: onnx.ModelProto) -> list[str]:
+    return [node.name for node in model.graph.node if node.op_type == "MatMul"]

@@ -1,0 +1,68 @@
+"""Quality of a quantized variant against its parent, measured at quantize time.
+
+Captioners: exact caption match rate, token agreement, BLEU (sacrebleu) of the variant's captions
+against the parent's, empty captions; with ground-truth captions (the project's drawn fixture
+images), accuracy and BLEU against the truth for both. ::
+
+    report = caption_quality(parent_pipe, variant_pipe, images, truths)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def _token_agreement(a: list[int], b: list[int]) -> float:
+    """Fraction of positions where two token sequences agree, over the longer one."""
+    longest = max(len(a), len(b))
+    return 1.0 if longest == 0 else sum(x == y for x, y in zip(a, b, strict=False)) / longest
+
+
+def _bleu(hypotheses: list[str], references: list[str]) -> float:
+    import sacrebleu
+
+    return round(float(sacrebleu.corpus_bleu(hypotheses, [references]).score), 2)
+
+
+def _greedy(pipe, pixel_values, max_new_tokens: int) -> tuple[list[list[int]], list[str]]:
+    ids, tokens = pipe.generate_tokens(
+        pixel_values, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False
+    )
+    return tokens, pipe.texts(ids, tokens)
+
+
+def caption_quality(
+    parent, variant, images, truths: list[str] | None, max_new_tokens: int = 16
+) -> dict[str, Any]:
+    """Greedy captions of both pipelines on the same images, compared."""
+    pixel_values = parent.preprocess(images)
+    parent_tokens, parent_texts = _greedy(parent, pixel_values, max_new_tokens)
+    variant_tokens, variant_texts = _greedy(variant, variant.preprocess(images), max_new_tokens)
+    count = len(images)
+    report: dict[str, Any] = {
+        "images": count,
+        "agreement": sum(a == b for a, b in zip(variant_texts, parent_texts, strict=True)) / count,
+        "token_agreement": sum(map(_token_agreement, variant_tokens, parent_tokens)) / count,
+        "bleu_vs_parent": _bleu(variant_texts, parent_texts),
+        "empty_captions": sum(not text.strip() for text in variant_texts),
+        # Empty where the parent said something: the silent failure to catch (transformers#30383).
+        "new_empty_captions": sum(
+            not v.strip() and bool(p.strip()) for v, p in zip(variant_texts, parent_texts, strict=True)
+        ),
+        "examples": [
+            {"parent": p, "variant": v} for p, v in list(zip(parent_texts, variant_texts, strict=True))[:4]
+        ],
+    }
+    if truths is not None:
+        report["accuracy_vs_truth"] = sum(v == t for v, t in zip(variant_texts, truths, strict=True)) / count
+        report["parent_accuracy_vs_truth"] = (
+            sum(p == t for p, t in zip(parent_texts, truths, strict=True)) / count
+        )
+        report["bleu_vs_truth"] = _bleu(variant_texts, truths)
+        report["parent_bleu_vs_truth"] = _bleu(parent_texts, truths)
+    return report
+
+
+# Task -> quality measure; every task the registry serves needs one.
+QUALITY: dict[str, Callable[..., dict[str, Any]]] = {"image-to-text": caption_quality}

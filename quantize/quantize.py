@@ -1,0 +1,165 @@
+"""Make a quantized variant of an artifact, measure it against its parent, and gate on the result.
+
+    from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
+    manifest = quantize_artifact("out/vit-gpt2", "out/vit-gpt2-int8", QuantizeConfig("int8-dynamic"))
+
+The variant is a complete artifact (graphs, tokenizer, configs, manifest) whose manifest names its
+parent (path and content hash), the scheme, options, components, excluded nodes, node counts and the
+quality figures. If the quality gate fails, no variant directory is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from modelkiln.artifact import finish, staged_artifact
+from modelkiln.errors import KilnError, ValidationFailedError
+from modelkiln.manifest import Manifest, artifact_hash, read_manifest, verify_files, write_manifest
+from modelkiln.registry import get_family
+
+from .graph_prep import excluded_nodes, prepare_weight_matmuls
+from .quality import QUALITY
+from .schemes import get_scheme, resolve_options
+
+QUALITY_SEEDS = 70_000  # drawn held-out images for quality, away from training, demo and validation seeds
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """One quantization run."""
+
+    scheme: str  # key of quantize.schemes.SCHEMES
+    components: tuple[str, ...] | None = None  # graphs to quantize; None takes the family's recipe
+    exclude: tuple[str, ...] = ()  # fnmatch patterns of node names or module paths kept in fp32
+    options: dict[str, Any] = field(default_factory=dict)  # scheme options (block_size, symmetric, ...)
+    min_agreement: float | None = None  # gate: fail below this caption exact-match rate vs the parent
+    num_images: int = 16  # held-out drawn images the quality is measured on
+    overwrite: bool = False  # replace an existing output directory
+
+
+def _components(manifest: Manifest, config: QuantizeConfig) -> tuple[str, ...]:
+    recipe = get_family(manifest.family).load_exporter().QUANTIZE_RECIPES
+    chosen = config.components or recipe.get(config.scheme, tuple(manifest.components))
+    unknown = [name for name in chosen if name not in manifest.components]
+    if unknown:
+        raise KilnError(
+            f"--components {', '.join(unknown)}: no such component. This artifact has: {', '.join(manifest.components)}."
+        )
+    return tuple(chosen)
+
+
+def _quantize_graph(parent: Path, staging: Path, name: str, manifest: Manifest, config, options) -> dict:
+    spec = manifest.components[name]
+    model = onnx.load(str(parent / spec.file))
+    prep = prepare_weight_matmuls(model)
+    excluded = excluded_nodes(model, config.exclude)
+    stats = get_scheme(config.scheme).apply(
+        model, staging / spec.file, options, excluded, spec.external_data is not None
+    )
+    if stats["quantized_nodes"] == 0:
+        raise KilnError(
+            f"scheme {config.scheme} quantized no node of component {name} (excluded: {len(excluded)}). "
+            "Nothing would change: check --exclude, or leave this component out with --components."
+        )
+    return {**stats, **prep, "excluded_nodes": excluded}
+
+
+def _copy_untouched(parent: Path, staging: Path, manifest: Manifest, quantized: tuple[str, ...]) -> None:
+    graph_files = {
+        f for n in quantized for f in (manifest.components[n].file, manifest.components[n].external_data)
+    }
+    for name in manifest.files:
+        if name not in graph_files:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(parent / name, staging / name)
+
+
+def _measure(parent: Path, staging: Path, manifest: Manifest, config: QuantizeConfig) -> dict:
+    from modelkiln import runtime
+    from modelkiln.fixtures import shapes
+
+    drawn = [shapes.draw(QUALITY_SEEDS + i) for i in range(config.num_images)]
+    images = [image for image, _ in drawn]
+    # The drawn captions are the truth only for the captioner trained on them.
+    truths = [truth for _, truth in drawn] if _is_fixture(manifest.source.model) else None
+    measure = QUALITY[manifest.task]
+    return measure(runtime.load(parent), runtime.load(staging), images, truths)
+
+
+def _is_fixture(model: str) -> bool:
+    from modelkiln.fixtures import CAPTIONER_DIR
+
+    return Path(model).absolute().resolve() == CAPTIONER_DIR.resolve()
+
+
+def _gate(quality: dict, config: QuantizeConfig) -> list[str]:
+    failures = []
+    if config.min_agreement is not None and quality["agreement"] < config.min_agreement:
+        failures.append(f"agreement {quality['agreement']:.3f} < --min-agreement {config.min_agreement}")
+    if quality.get("new_empty_captions"):
+        failures.append(f"{quality['new_empty_captions']} empty captions where the parent captioned")
+    return failures
+
+
+def quantize_artifact(
+    parent_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    config: QuantizeConfig,
+    log: Callable[[str], None] = lambda message: None,
+) -> Manifest:
+    """Quantize ``parent_dir`` into ``out``; raise ValidationFailedError (nothing written) below the gate."""
+    # 1. Check the parent and the request before any work.
+    parent = Path(parent_dir).absolute()
+    manifest = read_manifest(parent)
+    if problems := verify_files(parent, manifest):
+        raise KilnError(f"{parent} does not match its manifest ({'; '.join(problems)}). Re-export it first.")
+    options = resolve_options(get_scheme(config.scheme), config.options)
+    components = _components(manifest, config)
+    with staged_artifact(out, overwrite=config.overwrite) as staging:
+        # 2. Quantize the chosen graphs; copy everything else unchanged.
+        _copy_untouched(parent, staging, manifest, components)
+        stats = {}
+        for name in components:
+            log(f"quantizing {name} with {config.scheme}")
+            stats[name] = _quantize_graph(parent, staging, name, manifest, config, options)
+        # 3. Describe the variant, then measure it against the parent on held-out images.
+        precision = get_scheme(config.scheme).precision
+        variant = replace(
+            manifest,
+            precision=precision,
+            components={
+                n: replace(s, precision=precision) if n in components else s
+                for n, s in manifest.components.items()
+            },
+            parent={
+                "path": str(parent),
+                "artifact_sha256": artifact_hash(manifest),
+                "precision": manifest.precision,
+            },
+            quantization={
+                "scheme": config.scheme,
+                "options": options,
+                "components": list(components),
+                "nodes": stats,
+            },
+            validation=None,
+        )
+        variant = finish(staging, variant)
+        log("measuring quality against the parent")
+        quality = _measure(parent, staging, manifest, config)
+        failures = _gate(quality, config)
+        # 4. Record the figures; below the gate, leave nothing that looks like an artifact.
+        variant = replace(
+            variant, quantization={**variant.quantization, "quality": quality, "gate": failures}
+        )
+        write_manifest(staging, variant)
+        if failures:
+            raise ValidationFailedError(f"quality gate failed for {config.scheme}: {'; '.join(failures)}.")
+        return variant

@@ -1,0 +1,154 @@
+"""Quantization schemes on tiny models: nodes appear, size shrinks, quality is measured, gates fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from modelkiln import runtime
+from modelkiln.cli import main
+from modelkiln.errors import KilnError, ValidationFailedError
+from modelkiln.manifest import artifact_hash, read_manifest, verify_files
+from modelkiln.quantize.graph_prep import count_ops, prepare_weight_matmuls, weight_matmuls
+from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
+from modelkiln.quantize.schemes import SCHEMES, parse_option
+
+
+def _size(directory) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def test_gemm_rewrite_keeps_outputs_and_exposes_every_weight(small_artifact, tmp_path):
+    parent = small_artifact / "decoder.onnx"
+    model = onnx.load(str(parent))
+    assert count_ops(model)["Gemm"] > 0 and weight_matmuls(model) == []
+    stats = prepare_weight_matmuls(model)
+    assert "Gemm" not in count_ops(model)
+    assert len(weight_matmuls(model)) == stats["gemm_rewritten"] > 0
+    onnx.save(model, str(tmp_path / "prepared.onnx"))
+    feeds = _decoder_feeds(ort.InferenceSession(str(parent)))
+    before = ort.InferenceSession(str(parent)).run(None, feeds)
+    after = ort.InferenceSession(str(tmp_path / "prepared.onnx")).run(None, feeds)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _decoder_feeds(session):
+    sizes = {"batch": 2, "sequence": 1, "past_sequence": 3, "total_sequence": 4}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for value in session.get_inputs():
+        shape = [sizes.get(dim, dim) for dim in value.shape]
+        feeds[value.name] = (
+            rng.standard_normal(shape).astype(np.float32)
+            if "float" in value.type
+            else np.ones(shape, np.int64)
+        )
+    feeds["position_ids"] = np.full((2, 1), 3, dtype=np.int64)
+    return feeds
+
+
+# Every registered scheme with its options for the tiny model and the node type it must produce.
+# The tiny model's widths (32, 48) are multiples of 16, not 32: int4 blocks must divide them.
+TESTED_SCHEMES = {
+    "int8-dynamic": ({}, "MatMulInteger"),
+    "int4-weight": ({"block_size": 16}, "MatMulNBits"),
+}
+
+
+def test_every_registered_scheme_is_tested():
+    assert set(SCHEMES) == set(TESTED_SCHEMES)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "options", "node_type"), [(name, *spec) for name, spec in TESTED_SCHEMES.items()]
+)
+def test_scheme_makes_a_smaller_runnable_variant_with_quality_figures(
+    small_artifact, tmp_path, scheme, options, node_type
+):
+    out = tmp_path / scheme
+    manifest = quantize_artifact(small_artifact, out, QuantizeConfig(scheme, options=options, num_images=4))
+    parent = read_manifest(small_artifact)
+    for name in ("encoder", "decoder"):
+        graph = onnx.load(str(out / manifest.components[name].file), load_external_data=False)
+        expected = manifest.quantization["nodes"][name]["gemm_rewritten"]
+        assert count_ops(graph).get(node_type, 0) == manifest.quantization["nodes"][name]["quantized_nodes"]
+        assert count_ops(graph).get(node_type, 0) >= expected > 0
+    assert _size(out) < _size(small_artifact)
+    assert manifest.parent["artifact_sha256"] == artifact_hash(parent)
+    assert manifest.precision == SCHEMES[scheme].precision
+    quality = manifest.quantization["quality"]
+    assert {"agreement", "token_agreement", "bleu_vs_parent", "empty_captions"} <= set(quality)
+    assert 0.0 <= quality["agreement"] <= 1.0 and quality["images"] == 4
+    assert verify_files(out, read_manifest(out)) == []
+    captions = runtime.load(out)([np.zeros((20, 20, 3), np.uint8)])
+    assert isinstance(captions[0][0]["generated_text"], str)
+
+
+def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(small_artifact, tmp_path):
+    reached = quantize_artifact(
+        small_artifact, tmp_path / "first", QuantizeConfig("int8-dynamic", num_images=4)
+    )
+    agreement = reached.quantization["quality"]["agreement"]
+    assert agreement < 1.0, "the tiny random model should not be quantized losslessly"
+    out = tmp_path / "gated"
+    with pytest.raises(ValidationFailedError, match=r"agreement .* < --min-agreement"):
+        quantize_artifact(
+            small_artifact, out, QuantizeConfig("int8-dynamic", num_images=4, min_agreement=agreement + 0.01)
+        )
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
+
+
+def test_a_scheme_that_quantizes_nothing_is_an_error(small_artifact, tmp_path):
+    with pytest.raises(KilnError, match="quantized no node of component encoder"):
+        quantize_artifact(small_artifact, tmp_path / "out", QuantizeConfig("int4-weight", exclude=("*",)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_exclude_by_module_path_keeps_those_nodes_fp32(small_artifact, tmp_path):
+    config = QuantizeConfig("int8-dynamic", components=("decoder",), exclude=("*mlp*",), num_images=2)
+    manifest = quantize_artifact(small_artifact, tmp_path / "out", config)
+    stats = manifest.quantization["nodes"]["decoder"]
+    assert len(stats["excluded_nodes"]) > 0
+    assert stats["quantized_nodes"] == stats["gemm_rewritten"] - 2 * 2  # c_fc and c_proj in 2 layers
+    assert manifest.components["encoder"].precision == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (QuantizeConfig("int9"), r"unknown scheme 'int9'. Valid schemes: int8-dynamic, int4-weight"),
+        (QuantizeConfig("int4-weight", options={"bits": 3}), r"has no option bits. Its options: block_size"),
+        (QuantizeConfig("int4-weight", options={"block_size": 48}), "block_size 48 is not supported"),
+        (
+            QuantizeConfig("int8-dynamic", components=("unet",)),
+            r"no such component. This artifact has: encoder",
+        ),
+    ],
+)
+def test_bad_requests_say_what_is_valid(small_artifact, tmp_path, config, message):
+    with pytest.raises(KilnError, match=message):
+        quantize_artifact(small_artifact, tmp_path / "out", config)
+
+
+def test_option_parsing_types_values_from_the_scheme_table():
+    assert parse_option("block_size=64") == ("block_size", 64)
+    assert parse_option("symmetric=false") == ("symmetric", False)
+    with pytest.raises(KilnError, match="KEY=VALUE with KEY one of"):
+        parse_option("bits=4")
+    with pytest.raises(KilnError, match="takes a int"):
+        parse_option("block_size=big")
+
+
+def test_cli_quantize_and_gate_exit_codes(small_artifact, tmp_path, capsys):
+    argv = ["quantize", str(small_artifact), "--scheme", "int4-weight", "--out", str(tmp_path / "q4")]
+    code = main([*argv, "--num-images", "2", "--option", "block_size=16"])
+    err = capsys.readouterr().err
+    assert code == 0 and "MatMulNBits nodes" in err and "next: kiln caption" in err
+    argv = ["quantize", str(small_artifact), "--scheme", "int8-dynamic", "--out", str(tmp_path / "q8")]
+    code = main([*argv, "--num-images", "4", "--min-agreement", "1.0", "--option", "per_channel=true"])
+    assert code == 1 and "quality gate failed" in capsys.readouterr().err
+    assert not (tmp_path / "q8").exists()
