@@ -21,7 +21,7 @@ from modelkiln.manifest import Manifest, SourceSpec
 from modelkiln.registry import detect_family, get_family
 
 from .onnx_export import export_component
-from .source import resolve_source
+from .source import refuse_bitsandbytes, resolve_source
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ def export_model(
     """Export ``model`` (hub id or local directory) into the artifact directory ``out``."""
     # 1. Resolve the source and its family before any heavy work, so mistakes fail fast.
     source = resolve_source(str(model), allow_pickle=config.allow_pickle)
+    refuse_bitsandbytes(source)
     family = get_family(config.family) if config.family else detect_family(source.config, str(model))
     exporter = family.load_exporter()
     with staged_artifact(out, overwrite=config.overwrite) as staging:

@@ -108,6 +108,17 @@ def resolve_source(model: str, allow_pickle: bool = False) -> Source:
     return Source(model, path, config, pickled, uses_pickle=True)
 
 
+def refuse_bitsandbytes(source: Source) -> None:
+    """A bitsandbytes checkpoint holds packed int8/4-bit weights the ONNX exporters cannot trace."""
+    quantization = source.config.get("quantization_config") or {}
+    if quantization.get("quant_method") == "bitsandbytes":
+        raise SourceModelError(
+            f"{source.path} is quantized with bitsandbytes; ONNX export needs float weights. Dequantize "
+            "first: load it with from_pretrained, call model.dequantize(), then model.save_pretrained(DIR) "
+            "and export DIR (or export the original float model)."
+        )
+
+
 def copy_required(source: Source, name: str, directory: Path) -> None:
     """Copy a file the runtime needs verbatim, or say which file is missing and why it matters."""
     path = source.path / name
@@ -117,3 +128,16 @@ def copy_required(source: Source, name: str, directory: Path) -> None:
             f"next to it (processor.save_pretrained({str(source.path)!r}))."
         )
     shutil.copyfile(path, directory / name)
+
+
+def load_pretrained(source: Source, model_class, trust_remote_code: bool = False, **kwargs):
+    """``model_class.from_pretrained`` in fp32 eval mode, under the source's pickle decision."""
+    import torch
+
+    return model_class.from_pretrained(
+        source.path,
+        use_safetensors=not source.uses_pickle,
+        trust_remote_code=trust_remote_code,
+        dtype=torch.float32,
+        **kwargs,
+    ).eval()

@@ -17,8 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modelkiln.exporters.decoding import (
+    CacheShape,
+    cache_names,
+    cross_attention_components,
+    merge_heads,
+    save_text_files,
+    split_heads,
+)
 from modelkiln.exporters.onnx_export import Component
-from modelkiln.exporters.source import Source, copy_required
+from modelkiln.exporters.source import Source, load_pretrained
 
 TASK = "image-to-text"
 
@@ -26,24 +34,7 @@ TASK = "image-to-text"
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
     from transformers import VisionEncoderDecoderModel
 
-    return VisionEncoderDecoderModel.from_pretrained(
-        source.path,
-        use_safetensors=not source.uses_pickle,
-        trust_remote_code=trust_remote_code,
-        dtype=torch.float32,
-    ).eval()
-
-
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    batch, seq, width = x.shape
-    # [B, S, D] -> [B, H, S, D/H]
-    return x.view(batch, seq, num_heads, width // num_heads).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    batch, heads, seq, head_dim = x.shape
-    # [B, H, S, hd] -> [B, S, H*hd]
-    return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+    return load_pretrained(source, VisionEncoderDecoderModel, trust_remote_code)
 
 
 def _attend(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,7 +68,7 @@ class ViTCrossKVEncoder(nn.Module):
         outputs = []
         for block in self.blocks:
             key, value = block.crossattention.c_attn(states).split(states.shape[-1], dim=2)
-            outputs += [_split_heads(key, self.num_heads), _split_heads(value, self.num_heads)]
+            outputs += [split_heads(key, self.num_heads), split_heads(value, self.num_heads)]
         return tuple(outputs)
 
 
@@ -103,14 +94,14 @@ class GPT2CachedDecoderStep(nn.Module):
 
     def _self_attention(self, block, hidden, past_key, past_value, mask, scale):
         query, key, value = block.attn.c_attn(block.ln_1(hidden)).split(hidden.shape[-1], dim=2)
-        key = torch.cat([past_key, _split_heads(key, self.num_heads)], dim=2)
-        value = torch.cat([past_value, _split_heads(value, self.num_heads)], dim=2)
-        out = _attend(_split_heads(query, self.num_heads), key, value, scale, mask)
-        return block.attn.c_proj(_merge_heads(out)), key, value
+        key = torch.cat([past_key, split_heads(key, self.num_heads)], dim=2)
+        value = torch.cat([past_value, split_heads(value, self.num_heads)], dim=2)
+        out = _attend(split_heads(query, self.num_heads), key, value, scale, mask)
+        return block.attn.c_proj(merge_heads(out)), key, value
 
     def _cross_attention(self, block, hidden, cross_key, cross_value, scale):
-        query = _split_heads(block.crossattention.q_attn(block.ln_cross_attn(hidden)), self.num_heads)
-        return block.crossattention.c_proj(_merge_heads(_attend(query, cross_key, cross_value, scale)))
+        query = split_heads(block.crossattention.q_attn(block.ln_cross_attn(hidden)), self.num_heads)
+        return block.crossattention.c_proj(merge_heads(_attend(query, cross_key, cross_value, scale)))
 
     def forward(self, input_ids, attention_mask, position_ids, *cache: torch.Tensor):
         past, cross = cache[: 2 * self.num_layers], cache[2 * self.num_layers :]
@@ -131,10 +122,6 @@ class GPT2CachedDecoderStep(nn.Module):
         return (logits, *presents)
 
 
-def _names(prefix: str, layers: int) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-
-
 def _image_shape(model: nn.Module) -> tuple[int, int, int]:
     config = model.config.encoder
     size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
@@ -143,48 +130,13 @@ def _image_shape(model: nn.Module) -> tuple[int, int, int]:
 
 def build_components(model: nn.Module) -> list[Component]:
     """The encoder and the cached decoder step, with example inputs and dynamic axes."""
-    layers = model.decoder.config.n_layer
-    heads = model.decoder.config.n_head
-    head_dim = model.decoder.config.n_embd // heads
-    encoder = ViTCrossKVEncoder(model)
+    config = model.decoder.config
+    cache = CacheShape(config.n_layer, config.n_head, config.n_embd // config.n_head)
     pixel_values = torch.rand(2, *_image_shape(model))
-    cross_names = _names("cross_attention", layers)
-    with torch.no_grad():
-        cross = encoder(pixel_values)
-    batch, new, past = 2, 3, 4  # distinct sizes >1, so the tracer keeps every axis symbolic
-    decoder_inputs = {
-        "input_ids": torch.randint(0, model.decoder.config.vocab_size, (batch, new)),
-        "attention_mask": torch.ones(batch, past + new, dtype=torch.int64),
-        "position_ids": torch.arange(past, past + new).repeat(batch, 1),
-        **{name: torch.randn(batch, heads, past, head_dim) for name in _names("past_key_values", layers)},
-        **{name: tensor.contiguous() for name, tensor in zip(cross_names, cross, strict=True)},
-    }
-    batch_axis = {0: "batch"}
-    decoder_axes = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": batch_axis,
-        **{name: {0: "batch", 2: "past_sequence"} for name in _names("past_key_values", layers)},
-        **{name: {0: "batch", 2: "total_sequence"} for name in _names("present", layers)},
-        **{name: batch_axis for name in cross_names},
-    }
-    return [
-        Component(
-            name="encoder",
-            module=encoder,
-            example_inputs={"pixel_values": pixel_values},
-            output_names=tuple(cross_names),
-            dynamic_axes={"pixel_values": batch_axis, **{name: batch_axis for name in cross_names}},
-        ),
-        Component(
-            name="decoder",
-            module=GPT2CachedDecoderStep(model),
-            example_inputs=decoder_inputs,
-            output_names=("logits", *_names("present", layers)),
-            dynamic_axes=decoder_axes,
-        ),
-    ]
+    step = GPT2CachedDecoderStep(model)
+    return cross_attention_components(
+        ViTCrossKVEncoder(model), step, pixel_values, cache, config.vocab_size, positions=True
+    )
 
 
 def runtime_config(model: nn.Module) -> dict:
@@ -201,16 +153,7 @@ def runtime_config(model: nn.Module) -> dict:
 
 def save_runtime_files(source: Source, model: nn.Module, directory: Path) -> None:
     """Tokenizer, image processor and generation config: what makes the artifact self-contained."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    # Saving through transformers always writes tokenizer.json, which the torch-free runtime reads.
-    AutoTokenizer.from_pretrained(source.path).save_pretrained(directory)
-    copy_required(source, "preprocessor_config.json", directory)
-    try:
-        generation = GenerationConfig.from_pretrained(source.path)
-    except OSError:  # older checkpoints keep their generation defaults in config.json only
-        generation = GenerationConfig.from_model_config(model.config)
-    generation.save_pretrained(directory)
+    save_text_files(source, directory, fallback_config=model.config)
 
 
 def validation_cases(
@@ -222,13 +165,13 @@ def validation_cases(
     head_dim = model.decoder.config.n_embd // heads
     batch = pixel_values.shape[0]
     with torch.no_grad():
-        cross = dict(zip(_names("cross_attention", layers), encoder(pixel_values), strict=True))
+        cross = dict(zip(cache_names("cross_attention", layers), encoder(pixel_values), strict=True))
     start = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.int64)
     first = {
         "input_ids": start,
         "attention_mask": torch.ones(batch, 1, dtype=torch.int64),
         "position_ids": torch.zeros(batch, 1, dtype=torch.int64),
-        **{name: torch.zeros(batch, heads, 0, head_dim) for name in _names("past_key_values", layers)},
+        **{name: torch.zeros(batch, heads, 0, head_dim) for name in cache_names("past_key_values", layers)},
         **cross,
     }
     with torch.no_grad():
@@ -238,7 +181,7 @@ def validation_cases(
         "input_ids": torch.randint(0, model.decoder.config.vocab_size, (batch, 1)),
         "attention_mask": torch.ones(batch, 2, dtype=torch.int64),
         "position_ids": torch.ones(batch, 1, dtype=torch.int64),
-        **dict(zip(_names("past_key_values", layers), present, strict=True)),
+        **dict(zip(cache_names("past_key_values", layers), present, strict=True)),
     }
     return [
         ("encoder", "images", {"pixel_values": pixel_values}),

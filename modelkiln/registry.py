@@ -31,6 +31,22 @@ def _is_vit_gpt2(config: dict[str, Any]) -> bool:
     )
 
 
+def _is_blip(config: dict[str, Any]) -> bool:
+    # model_type "blip" also covers the VQA and retrieval heads, which have no captioning decoder to export.
+    architectures = config.get("architectures") or ["BlipForConditionalGeneration"]
+    return config.get("model_type") == "blip" and "BlipForConditionalGeneration" in architectures
+
+
+def _is_blip_2(config: dict[str, Any]) -> bool:
+    # model_type "blip-2" also covers retrieval and feature heads, which have no language model to export.
+    architectures = config.get("architectures") or ["Blip2ForConditionalGeneration"]
+    return (
+        config.get("model_type") == "blip-2"
+        and "Blip2ForConditionalGeneration" in architectures
+        and _sub_type(config, "text_config") == "opt"
+    )
+
+
 @dataclass(frozen=True)
 class Family:
     """One exportable model family."""
@@ -58,6 +74,22 @@ FAMILIES: dict[str, Family] = {
         matches=_is_vit_gpt2,
         exporter="modelkiln.exporters.vit_gpt2",
         pipeline="modelkiln.runtime.captioning:CaptioningPipeline",
+    ),
+    "blip": Family(
+        name="blip",
+        description="BlipForConditionalGeneration: ViT vision model, BERT-style text decoder (captioning)",
+        task="image-to-text",
+        matches=_is_blip,
+        exporter="modelkiln.exporters.blip",
+        pipeline="modelkiln.runtime.blip:BlipCaptioningPipeline",
+    ),
+    "blip-2": Family(
+        name="blip-2",
+        description="Blip2ForConditionalGeneration with an OPT language model (captioning and VQA)",
+        task="image-to-text",
+        matches=_is_blip_2,
+        exporter="modelkiln.exporters.blip_2",
+        pipeline="modelkiln.runtime.blip_2:Blip2CaptioningPipeline",
     ),
 }
 

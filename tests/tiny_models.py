@@ -97,3 +97,230 @@ def save_tiny_vit_gpt2(directory: Path, sizes: TinyViTGPT2) -> Path:
         num_beams=sizes.num_beams,
     ).save_pretrained(directory)
     return directory
+
+
+# --- BLIP-2 (OPT language model) ----------------------------------------------------------------------------
+
+BLIP2_CORPUS = [
+    "a cat sitting on a red chair next to the window",
+    "two dogs play with a ball in the green park",
+    "question: what is in the picture? answer: a small boat on the water",
+    "a man riding a bike down the street at night",
+    "the blue sky above a tall building and some trees",
+]
+OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0..3; "</s>" is both BOS and EOS
+
+
+@dataclass(frozen=True)
+class TinyBlip2:
+    """Sizes of one tiny BLIP-2; two differ in query count, widths, depth and OPT's layer-norm placement."""
+
+    image_size: int  # vision input side; the processor resizes to it
+    patch_size: int  # vision patch side: sets the Q-Former's cross-attention length
+    vision_hidden: int  # vision width
+    qformer_hidden: int  # Q-Former width; language_projection maps it to opt_hidden
+    qformer_layers: int  # Q-Former depth
+    cross_attention_frequency: int  # Q-Former layers with image cross-attention: every n-th
+    num_query_tokens: int  # query embeddings put in front of the prompt
+    opt_hidden: int  # OPT width
+    opt_heads: int  # OPT heads: changes the KV cache shape
+    opt_layers: int  # OPT layers: changes the number of cache tensors
+    layer_norm_before: bool  # OPT's do_layer_norm_before (False: the 350m post-norm layout, no final norm)
+    seed: int  # torch seed of the weights
+
+
+TINY_BLIP2 = {
+    "a": TinyBlip2(32, 8, 32, 32, 1, 1, 4, 48, 4, 2, True, 0),
+    "b": TinyBlip2(48, 16, 48, 40, 2, 2, 6, 64, 8, 3, False, 1),
+}
+
+
+def byte_bpe_tokenizer():
+    """A GPT-2-style byte-level BPE trained here, with OPT's specials and its BOS-only post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=OPT_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(BLIP2_CORPUS, trainer)
+    # OPT's tokenizer prepends "</s>" (its BOS) to every text and appends nothing.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_blip2_processor(sizes: TinyBlip2):
+    from transformers import Blip2Processor, BlipImageProcessorPil
+
+    size = {"height": sizes.image_size, "width": sizes.image_size}
+    images = BlipImageProcessorPil(size=size, do_convert_rgb=True)
+    # The processor adds "<image>" to the tokenizer as a special token: its id is the model's image token.
+    return Blip2Processor(images, byte_bpe_tokenizer(), num_query_tokens=sizes.num_query_tokens)
+
+
+def build_tiny_blip2(sizes: TinyBlip2, vocab_size: int, image_token_index: int):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+
+    torch.manual_seed(sizes.seed)
+    vision = {
+        "image_size": sizes.image_size,
+        "patch_size": sizes.patch_size,
+        "hidden_size": sizes.vision_hidden,
+        "intermediate_size": 2 * sizes.vision_hidden,
+        "num_hidden_layers": 1,  # one layer exercises the graph; more only slow the export down
+        "num_attention_heads": 4,
+    }
+    qformer = {
+        "hidden_size": sizes.qformer_hidden,
+        "intermediate_size": 2 * sizes.qformer_hidden,
+        "num_hidden_layers": sizes.qformer_layers,
+        "num_attention_heads": 4,
+        "encoder_hidden_size": sizes.vision_hidden,
+        "cross_attention_frequency": sizes.cross_attention_frequency,
+    }
+    text = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=sizes.opt_hidden,
+        word_embed_proj_dim=sizes.opt_hidden,
+        num_hidden_layers=sizes.opt_layers,
+        num_attention_heads=sizes.opt_heads,
+        ffn_dim=2 * sizes.opt_hidden,
+        max_position_embeddings=64,
+        do_layer_norm_before=sizes.layer_norm_before,
+        # Wide init makes random logits peaked and image-dependent, so captions vary and hit EOS sometimes.
+        init_std=0.3,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text.to_dict(),
+        num_query_tokens=sizes.num_query_tokens,
+        image_token_index=image_token_index,
+        initializer_range=0.3,
+    )
+    return Blip2ForConditionalGeneration(config).eval()
+
+
+def save_tiny_blip2(directory: Path, sizes: TinyBlip2) -> Path:
+    from transformers import GenerationConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    processor = tiny_blip2_processor(sizes)
+    tokenizer = processor.tokenizer
+    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    build_tiny_blip2(sizes, len(tokenizer), image_token_index).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)  # preprocessor_config.json, as hub checkpoints ship
+    GenerationConfig(bos_token_id=2, eos_token_id=2, pad_token_id=1, max_length=30).save_pretrained(directory)
+    return directory
+
+
+# --- BLIP (BERT-style text decoder) -------------------------------------------------------------------------
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # [DEC] is BLIP's decoder bos
+BLIP_WORDS = ["a", "photography", "of", "picture", "the", ".", "##s", *(f"w{i}" for i in range(30))]
+
+
+@dataclass(frozen=True)
+class TinyBlip:
+    """Sizes of one tiny BLIP; two differ in image and patch size, widths, head counts and depth."""
+
+    image_size: int  # vision input side; the processor resizes to it
+    patch_size: int  # vision patch side: sets the cross-attention length
+    vision_hidden: int  # vision width: the text decoder's cross-attention key/value input width
+    vision_heads: int  # vision attention heads
+    text_hidden: int  # text decoder width
+    text_heads: int  # text decoder heads: changes the KV cache shape
+    text_layers: int  # text decoder layers: changes the number of cache tensors
+    nested_processor: bool  # save only BlipProcessor's processor_config.json (image processor nested in it)
+    seed: int  # torch seed of the weights
+
+
+TINY_BLIP = {
+    "a": TinyBlip(32, 8, 32, 4, 48, 4, 2, True, 0),
+    "b": TinyBlip(48, 16, 64, 2, 64, 8, 3, False, 1),
+}
+
+
+def bert_wordpiece_tokenizer():
+    """A lower-casing BERT WordPiece tokenizer ([CLS] text [SEP]) with BLIP's [DEC] as its bos token."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(BERT_SPECIALS + BLIP_WORDS)}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return BertTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="[DEC]",
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
+
+
+def build_tiny_blip(sizes: TinyBlip):
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    torch.manual_seed(sizes.seed)
+    vision = {
+        "image_size": sizes.image_size,
+        "patch_size": sizes.patch_size,
+        "hidden_size": sizes.vision_hidden,
+        "intermediate_size": 2 * sizes.vision_hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": sizes.vision_heads,
+        "initializer_range": 0.3,
+    }
+    text = {
+        "vocab_size": len(BERT_SPECIALS) + len(BLIP_WORDS),
+        "hidden_size": sizes.text_hidden,
+        "encoder_hidden_size": sizes.vision_hidden,
+        "intermediate_size": 2 * sizes.text_hidden,
+        "num_hidden_layers": sizes.text_layers,
+        "num_attention_heads": sizes.text_heads,
+        "max_position_embeddings": 40,
+        # Wide init makes random logits peaked and image-dependent, so captions vary and hit [SEP] sometimes.
+        "initializer_range": 0.3,
+        "pad_token_id": 0,
+        "sep_token_id": 3,
+        "bos_token_id": 5,
+        "eos_token_id": 3,
+    }
+    config = BlipConfig(vision_config=vision, text_config=text, initializer_range=0.3)
+    return BlipForConditionalGeneration(config).eval()
+
+
+def save_tiny_blip(directory: Path, sizes: TinyBlip) -> Path:
+    from transformers import BlipImageProcessorPil, BlipProcessor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    build_tiny_blip(sizes).save_pretrained(directory)
+    size = {"height": sizes.image_size, "width": sizes.image_size}
+    images = BlipImageProcessorPil(size=size)
+    if sizes.nested_processor:
+        # transformers 5 writes processor_config.json with the image processor nested in it.
+        BlipProcessor(image_processor=images, tokenizer=bert_wordpiece_tokenizer()).save_pretrained(directory)
+    else:
+        bert_wordpiece_tokenizer().save_pretrained(directory)
+        images.save_pretrained(directory)  # preprocessor_config.json, as hub checkpoints ship
+    return directory
