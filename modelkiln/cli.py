@@ -189,6 +189,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         options=_scheme_options(args.option),
         min_agreement=args.min_agreement,
         num_images=args.num_images,
+        calibration_images=args.calibration_images,
+        num_calibration=args.num_calibration,
         overwrite=args.overwrite,
     )
     with _status(f"quantizing {args.artifact} with {args.scheme}") as update:
@@ -198,7 +200,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     console.print(
         f"{args.scheme}: {size / 1e6:.2f} MB ({size / parent_size:.0%} of the parent's {parent_size / 1e6:.2f} MB)"
     )
-    for name, stats in manifest.quantization["nodes"].items():
+    for name, count in manifest.quantization.get("modules", {}).items():  # torch (bitsandbytes) variants
+        console.print(f"  {count} {name} modules")
+    for name, stats in manifest.quantization.get("nodes", {}).items():
         console.print(
             f"  {name}: {stats['quantized_nodes']} {stats['node_type']} nodes, {len(stats['excluded_nodes'])} excluded"
         )
@@ -298,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--num-images", type=int, default=16, help="held-out images for the quality figures"
     )
+    quantize.add_argument("--calibration-images", help="folder of calibration images for int8-static")
+    quantize.add_argument("--num-calibration", type=int, default=8, help="calibration images for int8-static")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     quantize.set_defaults(run=cmd_quantize)
 

@@ -69,6 +69,7 @@ class Manifest:
     parent: dict[str, Any] | None = None  # artifact this one was derived from (quantization), with its hash
     quantization: dict[str, Any] | None = None  # scheme and recipe that made it, if any
     validation: dict[str, Any] | None = None  # latest `kiln validate` results, if any
+    kind: str = "onnx"  # "onnx": graphs run by onnxruntime; "torch": a save_pretrained model (bitsandbytes)
     format: str = FORMAT_NAME  # marks the directory as a modelkiln artifact
     format_version: int = FORMAT_VERSION  # bumped on incompatible changes
 

@@ -24,6 +24,7 @@ from modelkiln.errors import KilnError, ValidationFailedError
 from modelkiln.manifest import Manifest, artifact_hash, read_manifest, verify_files, write_manifest
 from modelkiln.registry import get_family
 
+from .calibration import record_calibration
 from .graph_prep import excluded_nodes, prepare_weight_matmuls
 from .quality import QUALITY
 from .schemes import get_scheme, resolve_options
@@ -41,6 +42,8 @@ class QuantizeConfig:
     options: dict[str, Any] = field(default_factory=dict)  # scheme options (block_size, symmetric, ...)
     min_agreement: float | None = None  # gate: fail below this caption exact-match rate vs the parent
     num_images: int = 16  # held-out drawn images the quality is measured on
+    calibration_images: str | None = None  # folder of calibration images; None draws fixture images
+    num_calibration: int = 8  # calibration images for static schemes
     overwrite: bool = False  # replace an existing output directory
 
 
@@ -55,13 +58,17 @@ def _components(manifest: Manifest, config: QuantizeConfig) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def _quantize_graph(parent: Path, staging: Path, name: str, manifest: Manifest, config, options) -> dict:
+def _quantize_graph(
+    parent: Path, staging: Path, name: str, manifest: Manifest, config, options, feeds
+) -> dict:
     spec = manifest.components[name]
     model = onnx.load(str(parent / spec.file))
     prep = prepare_weight_matmuls(model)
     excluded = excluded_nodes(model, config.exclude)
-    stats = get_scheme(config.scheme).apply(
-        model, staging / spec.file, options, excluded, spec.external_data is not None
+    scheme = get_scheme(config.scheme)
+    extra = {"calibration": feeds[name]} if scheme.calibrated else {}
+    stats = scheme.apply(
+        model, staging / spec.file, options, excluded, spec.external_data is not None, **extra
     )
     if stats["quantized_nodes"] == 0:
         raise KilnError(
@@ -83,14 +90,20 @@ def _copy_untouched(parent: Path, staging: Path, manifest: Manifest, quantized: 
 
 def _measure(parent: Path, staging: Path, manifest: Manifest, config: QuantizeConfig) -> dict:
     from modelkiln import runtime
+
+    return measure_quality(runtime.load(parent), runtime.load(staging), manifest, config.num_images)
+
+
+def measure_quality(parent_pipe, variant_pipe, manifest: Manifest, num_images: int) -> dict:
+    """The task's quality figures of two loaded pipelines on ``num_images`` held-out drawn images."""
     from modelkiln.fixtures import shapes
 
-    drawn = [shapes.draw(QUALITY_SEEDS + i) for i in range(config.num_images)]
+    drawn = [shapes.draw(QUALITY_SEEDS + i) for i in range(num_images)]
     images = [image for image, _ in drawn]
     # The drawn captions are the truth only for the captioner trained on them.
     truths = [truth for _, truth in drawn] if _is_fixture(manifest.source.model) else None
     measure = QUALITY[manifest.task]
-    return measure(runtime.load(parent), runtime.load(staging), images, truths)
+    return measure(parent_pipe, variant_pipe, images, truths)
 
 
 def _is_fixture(model: str) -> bool:
@@ -108,6 +121,16 @@ def _gate(quality: dict, config: QuantizeConfig) -> list[str]:
     return failures
 
 
+def record_quality(staging: Path, variant: Manifest, quality: dict, config: QuantizeConfig) -> Manifest:
+    """Write the figures into the staged manifest; below the gate raise, so the staging dir is dropped."""
+    failures = _gate(quality, config)
+    variant = replace(variant, quantization={**variant.quantization, "quality": quality, "gate": failures})
+    write_manifest(staging, variant)
+    if failures:
+        raise ValidationFailedError(f"quality gate failed for {config.scheme}: {'; '.join(failures)}.")
+    return variant
+
+
 def quantize_artifact(
     parent_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -115,9 +138,19 @@ def quantize_artifact(
     log: Callable[[str], None] = lambda message: None,
 ) -> Manifest:
     """Quantize ``parent_dir`` into ``out``; raise ValidationFailedError (nothing written) below the gate."""
+    if get_scheme(config.scheme).kind == "torch":
+        # bitsandbytes quantizes the PyTorch source model, not the graphs: a separate path.
+        from .bnb import make_bnb_artifact
+
+        return make_bnb_artifact(parent_dir, out, config.scheme, config, log=log)
     # 1. Check the parent and the request before any work.
     parent = Path(parent_dir).absolute()
     manifest = read_manifest(parent)
+    if manifest.kind != "onnx":
+        raise KilnError(
+            f"{parent} is a {manifest.kind} artifact; scheme {config.scheme} quantizes ONNX graphs. "
+            f"Pass its ONNX parent or export {manifest.source.model} first."
+        )
     if problems := verify_files(parent, manifest):
         raise KilnError(f"{parent} does not match its manifest ({'; '.join(problems)}). Re-export it first.")
     options = resolve_options(get_scheme(config.scheme), config.options)
@@ -125,10 +158,14 @@ def quantize_artifact(
     with staged_artifact(out, overwrite=config.overwrite) as staging:
         # 2. Quantize the chosen graphs; copy everything else unchanged.
         _copy_untouched(parent, staging, manifest, components)
+        feeds, calibration = {}, None
+        if get_scheme(config.scheme).calibrated:
+            log("recording calibration inputs")
+            feeds, calibration = record_calibration(parent, config.calibration_images, config.num_calibration)
         stats = {}
         for name in components:
             log(f"quantizing {name} with {config.scheme}")
-            stats[name] = _quantize_graph(parent, staging, name, manifest, config, options)
+            stats[name] = _quantize_graph(parent, staging, name, manifest, config, options, feeds)
         # 3. Describe the variant, then measure it against the parent on held-out images.
         precision = get_scheme(config.scheme).precision
         variant = replace(
@@ -147,6 +184,8 @@ def quantize_artifact(
                 "scheme": config.scheme,
                 "options": options,
                 "components": list(components),
+                "exclude": list(config.exclude),
+                "calibration": calibration,
                 "nodes": stats,
             },
             validation=None,
@@ -154,12 +193,5 @@ def quantize_artifact(
         variant = finish(staging, variant)
         log("measuring quality against the parent")
         quality = _measure(parent, staging, manifest, config)
-        failures = _gate(quality, config)
         # 4. Record the figures; below the gate, leave nothing that looks like an artifact.
-        variant = replace(
-            variant, quantization={**variant.quantization, "quality": quality, "gate": failures}
-        )
-        write_manifest(staging, variant)
-        if failures:
-            raise ValidationFailedError(f"quality gate failed for {config.scheme}: {'; '.join(failures)}.")
-        return variant
+        return record_quality(staging, variant, quality, config)

@@ -1,7 +1,8 @@
 """The quantization scheme registry: a plain dict from scheme name to how it is applied.
 
 scheme = get_scheme("int8-dynamic")
-stats = scheme.apply(model, out_path, options, exclude, external_data)
+stats = scheme.apply(model, out_path, options, exclude, external_data)   # kind "onnx"
+bnb_kwargs = scheme.apply(options)                                        # kind "torch" (bitsandbytes)
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ from typing import Any
 
 from modelkiln.errors import KilnError
 
+from .bnb import fp4_config, int8_config, nf4_config
+from .onnx_fp16 import convert_fp16
 from .onnx_int4 import ALGORITHMS, quantize_int4_weight
-from .onnx_int8 import quantize_int8_dynamic
+from .onnx_int8 import quantize_int8_dynamic, quantize_int8_static
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """One way to make a lower-precision variant of an ONNX graph."""
+    """One way to make a lower-precision variant: of ONNX graphs, or of the PyTorch model (bitsandbytes)."""
 
     name: str  # registry key, recorded in the manifest
     precision: str  # what the quantized weights are stored as
     description: str  # one line for help texts and reports
-    apply: Callable[..., dict]  # (model, out_path, options, exclude, external_data) -> stats
+    # onnx: (model, out_path, options, exclude, external_data) -> stats; torch: options -> BitsAndBytesConfig kwargs
+    apply: Callable[..., dict]
     options: dict  # option name -> default; anything else is refused
+    calibrated: bool = False  # apply also takes recorded input feeds (static activation ranges)
+    kind: str = "onnx"  # "onnx" rewrites the parent's graphs; "torch" makes a torch artifact (quantize.bnb)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -41,6 +47,45 @@ SCHEMES: dict[str, Scheme] = {
         description=f"MatMulNBits weight-only int4, block-wise ({'/'.join(ALGORITHMS)}), accuracy_level 4",
         apply=quantize_int4_weight,
         options={"block_size": 32, "symmetric": True, "accuracy_level": 4, "algorithm": "rtn"},
+    ),
+    "int8-static": Scheme(
+        name="int8-static",
+        precision="int8",
+        description="QDQ int8 with activation ranges calibrated on recorded inputs (images, decode steps)",
+        apply=quantize_int8_static,
+        options={"per_channel": True, "symmetric_activations": False},
+        calibrated=True,
+    ),
+    "fp16": Scheme(
+        name="fp16",
+        precision="fp16",
+        description="float16 with LayerNorm/Softmax and --exclude nodes kept fp32; fp32 inputs/outputs (GPU format)",
+        apply=convert_fp16,
+        options={"keep_fp32_ops": True},
+    ),
+    "bnb-int8": Scheme(
+        name="bnb-int8",
+        precision="int8",
+        description="bitsandbytes LLM.int8 (Linear8bitLt): a PyTorch variant run with transformers",
+        apply=int8_config,
+        options={"llm_int8_threshold": 6.0},
+        kind="torch",
+    ),
+    "bnb-nf4": Scheme(
+        name="bnb-nf4",
+        precision="nf4",
+        description="bitsandbytes 4-bit NormalFloat (Linear4bit): a PyTorch variant run with transformers",
+        apply=nf4_config,
+        options={"double_quant": False},
+        kind="torch",
+    ),
+    "bnb-fp4": Scheme(
+        name="bnb-fp4",
+        precision="fp4",
+        description="bitsandbytes 4-bit float (Linear4bit): a PyTorch variant run with transformers",
+        apply=fp4_config,
+        options={"double_quant": False},
+        kind="torch",
     ),
 }
 

@@ -6,7 +6,8 @@
     pipe(["a.jpg", "b.png"], num_beams=4)  # [[{...}], [{...}]]
 
 ``load`` reads the manifest, checks the files against it and returns the pipeline the artifact's
-family registers. Nothing here imports torch or transformers' modeling code.
+family registers. Nothing here imports torch or transformers' modeling code, except for artifacts of
+kind "torch" (bitsandbytes variants), which run on transformers.
 """
 
 from __future__ import annotations
@@ -43,5 +44,10 @@ def load(
     manifest = read_manifest(directory)
     _check_files(directory, manifest, verify)
     options = RuntimeOptions(backend=backend, threads=threads, verify=verify)
+    if manifest.kind == "torch":
+        # Imported here only: the ONNX path must stay free of torch.
+        from .torch_captioning import TorchCaptioningPipeline
+
+        return TorchCaptioningPipeline(directory, manifest, options)
     pipeline_class = get_family(manifest.family).load_pipeline_class()
     return pipeline_class(directory, manifest, options)

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from test_bnb import TESTED_TORCH_SCHEMES  # the bitsandbytes (torch artifact) schemes, tested there
 
 from modelkiln import runtime
 from modelkiln.cli import main
@@ -55,11 +56,13 @@ def _decoder_feeds(session):
 TESTED_SCHEMES = {
     "int8-dynamic": ({}, "MatMulInteger"),
     "int4-weight": ({"block_size": 16}, "MatMulNBits"),
+    "int8-static": ({}, "DequantizeLinear"),  # weights stored int8 behind DequantizeLinear (QDQ)
+    "fp16": ({}, "Cast"),  # fp16 weights, casts around the fp32 keep-list and graph inputs/outputs
 }
 
 
 def test_every_registered_scheme_is_tested():
-    assert set(SCHEMES) == set(TESTED_SCHEMES)
+    assert set(SCHEMES) == set(TESTED_SCHEMES) | set(TESTED_TORCH_SCHEMES)
 
 
 @pytest.mark.parametrize(
@@ -73,9 +76,9 @@ def test_scheme_makes_a_smaller_runnable_variant_with_quality_figures(
     parent = read_manifest(small_artifact)
     for name in ("encoder", "decoder"):
         graph = onnx.load(str(out / manifest.components[name].file), load_external_data=False)
-        expected = manifest.quantization["nodes"][name]["gemm_rewritten"]
-        assert count_ops(graph).get(node_type, 0) == manifest.quantization["nodes"][name]["quantized_nodes"]
-        assert count_ops(graph).get(node_type, 0) >= expected > 0
+        stats = manifest.quantization["nodes"][name]
+        assert stats["quantized_nodes"] >= stats["gemm_rewritten"] > 0  # every weight matmul was taken
+        assert count_ops(graph).get(node_type, 0) > 0
     assert _size(out) < _size(small_artifact)
     assert manifest.parent["artifact_sha256"] == artifact_hash(parent)
     assert manifest.precision == SCHEMES[scheme].precision
@@ -100,6 +103,34 @@ def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(small_arti
         )
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
+
+
+def test_static_calibration_is_recorded_from_real_decode_steps(small_artifact, tmp_path):
+    manifest = quantize_artifact(
+        small_artifact, tmp_path / "out", QuantizeConfig("int8-static", num_images=2)
+    )
+    calibration = manifest.quantization["calibration"]
+    assert calibration["images"] == 8 and len(calibration["pixels_sha256"]) == 64
+    assert calibration["feeds"]["encoder"] >= 1 and calibration["feeds"]["decoder"] > 1  # one per decode step
+
+
+def test_fp16_keeps_layer_norm_and_softmax_in_fp32(small_artifact, tmp_path):
+    manifest = quantize_artifact(small_artifact, tmp_path / "out", QuantizeConfig("fp16", num_images=2))
+    graph = onnx.load(str(tmp_path / "out" / manifest.components["decoder"].file))
+    halves = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) == manifest.quantization["nodes"]["decoder"]["quantized_nodes"] > 0
+    dtypes = {i.name: i.data_type for i in graph.graph.initializer}
+    norms = [n for n in graph.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(
+        dtypes.get(n.input[1], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for n in norms
+    )
+    assert all(
+        i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        for i in graph.graph.output
+        if "present" in i.name
+    )
+    quality = manifest.quantization["quality"]
+    assert quality["token_agreement"] > 0.9  # fp16 barely moves a tiny model's logits
 
 
 def test_a_scheme_that_quantizes_nothing_is_an_error(small_artifact, tmp_path):
