@@ -172,3 +172,26 @@ def test_validate_reports_parity_with_and_without_prompt(blip):
     assert all(row["max_abs_diff"] < 1e-4 for row in report["components"].values())
     print({case: row["max_abs_diff"] for case, row in report["components"].items()})
     print({mode: f"{row['matches']}/{row['total']}" for mode, row in report["captions"].items()})
+
+
+def test_cli_caption_and_validate_with_a_prompt(blip, tmp_path, capsys):
+    from modelkiln.cli import main
+
+    source, artifact, _, _ = blip
+    image = tmp_path / "image.png"
+    mixed_images()[0].convert("RGB").save(image)
+    assert main(["caption", str(artifact), str(image), "--prompt", "a photography of", "--json"]) == 0
+    caption = json.loads(capsys.readouterr().out)[0]["generated_text"]
+    assert caption.startswith("a photography of")
+    argv = [
+        "validate",
+        str(artifact),
+        "--model",
+        str(source),
+        "--num-images",
+        "2",
+        "--prompt",
+        "a photography of",
+    ]
+    assert main(argv) == 0
+    assert "prompt 'a photography of'" in capsys.readouterr().err

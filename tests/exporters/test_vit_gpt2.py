@@ -163,3 +163,19 @@ def test_validate_fails_when_the_artifact_differs_from_its_source(small_source, 
     report = validate_artifact(artifact, str(small_source), ValidateConfig(num_images=2, max_new_tokens=4))
     assert not report["passed"]
     assert not report["source_matches_manifest"]
+
+
+def test_validation_fails_on_empty_captions(small_artifact, small_source, monkeypatch):
+    from modelkiln.runtime.text import TextCodec
+
+    # Every caption decodes to nothing, as a broken quantized BLIP-2 does (transformers#30383): even
+    # with token-exact parity the report must fail and count them.
+    monkeypatch.setattr(TextCodec, "decode", lambda self, ids: "")
+    report = validate_artifact(
+        small_artifact,
+        str(small_source),
+        ValidateConfig(num_images=2, max_new_tokens=3, update_manifest=False),
+    )
+    assert not report["passed"]
+    assert report["captions"]["greedy"]["empty_captions"] == 2
+    assert report["captions"]["greedy"]["mismatches"] == []
