@@ -276,3 +276,12 @@ def reference_processor(source: Source):
     from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(source.path)
+
+
+# BLIP's ViT and text decoder are both weight-matmul graphs, as in ViT-GPT2: every scheme takes both.
+QUANTIZE_RECIPES = {
+    "int8-dynamic": ("encoder", "decoder"),
+    "int8-static": ("encoder", "decoder"),
+    "int4-weight": ("encoder", "decoder"),
+    "fp16": ("encoder", "decoder"),
+}

@@ -297,3 +297,13 @@ def reference_processor(source: Source):
     from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(source.path)
+
+
+# The OPT decoder holds most of BLIP-2's weights and is bandwidth-bound per token; the vision graph
+# (ViT-g, Q-Former) is compute-bound. Every scheme takes both: int4 on the vision graph saves bytes.
+QUANTIZE_RECIPES = {
+    "int8-dynamic": ("encoder", "decoder"),
+    "int8-static": ("encoder", "decoder"),
+    "int4-weight": ("encoder", "decoder"),
+    "fp16": ("encoder", "decoder"),
+}

@@ -194,12 +194,12 @@ def _bnb_version() -> dict[str, str]:
 def _reference_pipeline(given: BnbSource, source, variant: Manifest):
     """What quality is measured against: the ONNX parent, else the fp32 source run by transformers."""
     from modelkiln import runtime
-    from modelkiln.runtime.torch_captioning import TorchCaptioningPipeline
+    from modelkiln.runtime.torch_captioning import torch_pipeline_class
 
     if given.parent_dir is not None:
         return runtime.load(given.parent_dir)
     # The source folder holds the tokenizer and processor files the pipeline reads, as export requires.
-    return TorchCaptioningPipeline(source.path, variant, runtime.RuntimeOptions())
+    return torch_pipeline_class(variant.family)(source.path, variant, runtime.RuntimeOptions())
 
 
 def make_bnb_artifact(

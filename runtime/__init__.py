@@ -46,8 +46,8 @@ def load(
     options = RuntimeOptions(backend=backend, threads=threads, verify=verify)
     if manifest.kind == "torch":
         # Imported here only: the ONNX path must stay free of torch.
-        from .torch_captioning import TorchCaptioningPipeline
+        from .torch_captioning import torch_pipeline_class
 
-        return TorchCaptioningPipeline(directory, manifest, options)
+        return torch_pipeline_class(manifest.family)(directory, manifest, options)
     pipeline_class = get_family(manifest.family).load_pipeline_class()
     return pipeline_class(directory, manifest, options)

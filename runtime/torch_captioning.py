@@ -27,11 +27,40 @@ from .images import ImagePreprocessor
 from .session import RuntimeOptions
 from .text import TextCodec
 
-# Family -> transformers model class of its save_pretrained checkpoint. A family listed here runs as a
-# torch artifact; BLIP and BLIP-2 need their class here plus their prompt handling (prompt_ids, texts).
-TORCH_MODEL_CLASSES: dict[str, str] = {
-    "vit-gpt2": "VisionEncoderDecoderModel",
+
+def _decoder_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
+    # VisionEncoderDecoderModel: the prompt is the decoder's own input.
+    return {"decoder_input_ids": ids, "decoder_attention_mask": mask}
+
+
+def _blip_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
+    # BLIP's generate swaps the first token for [DEC] and drops the last ([SEP]), so hand it the
+    # prompt as its processor writes it: [DEC] + words + [SEP].
+    sep = np.full((ids.shape[0], 1), manifest.runtime["sep_token_id"], dtype=ids.dtype)
+    return {
+        "input_ids": np.concatenate([ids, sep], axis=1),
+        "attention_mask": np.concatenate([mask, mask[:, :1]], 1),
+    }
+
+
+# generate arguments a family's own generate sets itself (BLIP passes [SEP] as EOS and its pad id):
+# passing them again is an error there, and the values are the ones settings() resolved anyway.
+_SET_BY_MODEL: dict[str, tuple[str, ...]] = {"blip": ("eos_token_id", "pad_token_id")}
+
+
+def _text_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
+    # BLIP-2: the family's prompt ids are exactly the processor's (image tokens, BOS, words).
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# Family -> (transformers class of its save_pretrained checkpoint, how generate takes the prompt ids).
+# Prompt ids and caption texts come from the family's ONNX pipeline class, shared with this one.
+TORCH_FAMILIES: dict[str, tuple[str, Any]] = {
+    "vit-gpt2": ("VisionEncoderDecoderModel", _decoder_inputs),
+    "blip": ("BlipForConditionalGeneration", _blip_inputs),
+    "blip-2": ("Blip2ForConditionalGeneration", _text_inputs),
 }
+TORCH_MODEL_CLASSES: dict[str, str] = {family: entry[0] for family, entry in TORCH_FAMILIES.items()}
 
 # Token ids generate needs to start decoding; every other setting comes from settings().
 _START_TOKEN_KEYS = ("decoder_start_token_id", "bos_token_id")
@@ -104,6 +133,10 @@ class TorchCaptioningPipeline(CaptioningPipeline):
             **{key: self.generation_config.get(key) for key in _START_TOKEN_KEYS}
         )
 
+    def _generate_kwargs(self, settings: GenerationSettings) -> dict[str, Any]:
+        fixed = _SET_BY_MODEL.get(self.manifest.family, ())
+        return {key: value for key, value in _generate_kwargs(settings).items() if key not in fixed}
+
     def generate_tokens(
         self, pixel_values: np.ndarray, prompt: str | None = None, **generation: Any
     ) -> tuple[np.ndarray, list[list[int]]]:
@@ -120,11 +153,23 @@ class TorchCaptioningPipeline(CaptioningPipeline):
             warnings.filterwarnings(
                 "ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning
             )
+            prompt_inputs = TORCH_FAMILIES[self.manifest.family][1](ids, mask, self.manifest)
             sequences = self.model.generate(
                 pixel_values=torch.from_numpy(np.ascontiguousarray(pixel_values)),
-                decoder_input_ids=torch.from_numpy(ids),
-                decoder_attention_mask=torch.from_numpy(mask),
-                **_generate_kwargs(settings),
+                **{name: torch.from_numpy(value) for name, value in prompt_inputs.items()},
+                **self._generate_kwargs(settings),
             )
+        # Every family's generate returns the prompt (as passed, less BLIP's [SEP]) before the new tokens.
         rows = [[int(t) for t in row[ids.shape[1] :]] for row in sequences]
         return ids, [_trim(row, settings.eos_token_ids) for row in rows]
+
+
+def torch_pipeline_class(family: str) -> type:
+    """TorchCaptioningPipeline with the family's prompt handling (its ONNX pipeline's prompt_ids, texts)."""
+    from modelkiln.registry import get_family
+
+    model_class(family)  # a clear error for families without a torch runtime
+    family_class = get_family(family).load_pipeline_class()
+    if family_class is CaptioningPipeline:
+        return TorchCaptioningPipeline
+    return type(f"Torch{family_class.__name__}", (TorchCaptioningPipeline, family_class), {})

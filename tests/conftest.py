@@ -33,3 +33,13 @@ def small_artifact(small_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("small-art") / "artifact"
     export_model(small_source, out, ExportConfig(external_data=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def wide_artifact(tmp_path_factory):
+    """The wider tiny ViT-GPT2 (config b, widths 64): 4-bit variants of it still caption every image,
+    where config a's widths (32, 48) lose so much that the empty-caption gate refuses them."""
+    source = save_tiny_vit_gpt2(tmp_path_factory.mktemp("wide-src"), TINY_VIT_GPT2["b"])
+    out = tmp_path_factory.mktemp("wide-art") / "artifact"
+    export_model(source, out)
+    return out

@@ -69,17 +69,17 @@ def test_every_registered_scheme_is_tested():
     ("scheme", "options", "node_type"), [(name, *spec) for name, spec in TESTED_SCHEMES.items()]
 )
 def test_scheme_makes_a_smaller_runnable_variant_with_quality_figures(
-    small_artifact, tmp_path, scheme, options, node_type
+    wide_artifact, tmp_path, scheme, options, node_type
 ):
     out = tmp_path / scheme
-    manifest = quantize_artifact(small_artifact, out, QuantizeConfig(scheme, options=options, num_images=4))
-    parent = read_manifest(small_artifact)
+    manifest = quantize_artifact(wide_artifact, out, QuantizeConfig(scheme, options=options, num_images=4))
+    parent = read_manifest(wide_artifact)
     for name in ("encoder", "decoder"):
         graph = onnx.load(str(out / manifest.components[name].file), load_external_data=False)
         stats = manifest.quantization["nodes"][name]
         assert stats["quantized_nodes"] >= stats["gemm_rewritten"] > 0  # every weight matmul was taken
         assert count_ops(graph).get(node_type, 0) > 0
-    assert _size(out) < _size(small_artifact)
+    assert _size(out) < _size(wide_artifact)
     assert manifest.parent["artifact_sha256"] == artifact_hash(parent)
     assert manifest.precision == SCHEMES[scheme].precision
     quality = manifest.quantization["quality"]
@@ -174,8 +174,8 @@ def test_option_parsing_types_values_from_the_scheme_table():
         parse_option("block_size=big")
 
 
-def test_cli_quantize_and_gate_exit_codes(small_artifact, tmp_path, capsys):
-    argv = ["quantize", str(small_artifact), "--scheme", "int4-weight", "--out", str(tmp_path / "q4")]
+def test_cli_quantize_and_gate_exit_codes(small_artifact, wide_artifact, tmp_path, capsys):
+    argv = ["quantize", str(wide_artifact), "--scheme", "int4-weight", "--out", str(tmp_path / "q4")]
     code = main([*argv, "--num-images", "2", "--option", "block_size=16"])
     err = capsys.readouterr().err
     assert code == 0 and "MatMulNBits nodes" in err and "next: kiln caption" in err
