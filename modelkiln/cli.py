@@ -6,6 +6,7 @@
     kiln validate DIR --model SRC [--json]
     kiln inspect DIR
     kiln verify DIR
+    kiln bench --preset tiny|full | --model SRC [--variant DIR]... [--schemes S,S] --out DIR
 
 Bad input ends with one ``error:`` line naming the fix and exit code 2; a failed check exits 1. Each
 command's last line suggests the natural next command.
@@ -213,6 +214,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from modelkiln.benchmarks.harness import BenchConfig, run_bench
+
+    config = BenchConfig(
+        out=Path(args.out),
+        model=args.model,
+        preset=args.preset,
+        variants=tuple(args.variant),
+        schemes=tuple(s.strip() for s in args.schemes.split(",") if s.strip()) if args.schemes else (),
+        work_dir=Path(args.artifacts) if args.artifacts else None,
+        threads=args.threads,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        images=args.images,
+        max_new_tokens=args.max_new_tokens,
+        measure_rss=not args.no_rss,
+        command=" ".join(["kiln", *sys.argv[1:]]) if args.argv is None else " ".join(["kiln", *args.argv]),
+    )
+    # Plain lines, not a spinner: the harness shows its own progress bar while it times.
+    report = run_bench(config, log=lambda message: console.print(f"  {message}"))
+    eager = report["variants"][0]["latency"]["p50_s"]
+    for row in report["variants"]:
+        p50 = row["latency"]["p50_s"]
+        console.print(f"  {row['name']:14} p50 {p50 * 1e3:8.1f} ms  {eager / p50:5.2f}x eager")
+    for check in report["targets"]:
+        console.print(f"  {'met' if check['met'] else 'MISSED':6} {check['target']}: {check['value']:.2f}")
+    _next(f"less {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from modelkiln.demo import run_demo
 
@@ -318,6 +349,26 @@ def build_parser() -> argparse.ArgumentParser:
     families = commands.add_parser("families", help="list the supported model families")
     families.set_defaults(run=cmd_families)
 
+    bench = commands.add_parser("bench", help="latency, memory, size and quality of variants vs PyTorch")
+    source = bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="source model: hub id or local directory (the eager baseline)")
+    source.add_argument("--preset", choices=["tiny", "full"], help="random-weight ViT-GPT2 built locally")
+    bench.add_argument(
+        "--variant", action="append", default=[], help="artifact directory to compare (repeatable)"
+    )
+    bench.add_argument("--schemes", help="comma-separated schemes to export and quantize on the fly")
+    bench.add_argument("--out", required=True, help="results folder (report.json, report.md, plots)")
+    bench.add_argument(
+        "--artifacts", help="folder for presets and on-the-fly artifacts (default OUT/artifacts)"
+    )
+    bench.add_argument("--threads", type=int, default=2, help="intra-op threads for every variant")
+    bench.add_argument("--repeats", type=int, default=5, help="timed passes over the images")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed passes first")
+    bench.add_argument("--images", type=int, default=4, help="drawn images per pass")
+    bench.add_argument("--max-new-tokens", type=int, default=16, help="tokens every variant decodes")
+    bench.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
+    bench.set_defaults(run=cmd_bench)
+
     demo = commands.add_parser("demo", help="export, run and validate the shipped shapes captioner")
     demo.add_argument("--out", default="kiln-demo", help="folder for the artifact and the drawn images")
     demo.add_argument("--num-images", type=int, default=6, help="images to draw and caption")
@@ -336,6 +387,7 @@ def cmd_families(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command line, for reports
     try:
         return args.run(args)
     except KilnError as exc:

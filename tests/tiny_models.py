@@ -94,6 +94,9 @@ def save_tiny_vit_gpt2(directory: Path, sizes: TinyViTGPT2) -> Path:
         eos_token_id=2,
         pad_token_id=0,
         max_length=12,
+        # Random weights sometimes put EOS first; an empty caption fails validation by design, so the
+        # tiny models always say something (PyTorch and the runtime both honour it).
+        min_new_tokens=2,
         num_beams=sizes.num_beams,
     ).save_pretrained(directory)
     return directory

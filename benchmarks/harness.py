@@ -1,0 +1,244 @@
+"""`kiln bench`: latency, throughput, memory, size, quality and roofline of every variant vs PyTorch.
+
+    from modelkiln.benchmarks.harness import BenchConfig, run_bench
+    report = run_bench(BenchConfig(out=Path("bench"), preset="tiny", schemes=("int8-dynamic",)))
+    # bench/report.json, bench/report.md, bench/*.png
+
+Every variant (the PyTorch eager fp32 baseline first, then each ONNX artifact) captions the same
+drawn images, batch 1, greedy, exactly ``max_new_tokens`` tokens. Variants are timed round-robin,
+image by image, so the machine's drift over minutes hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from modelkiln.errors import KilnError
+
+from . import roofline
+from .quality import caption_agreement
+from .runners import EagerRunner, Job, OrtRunner
+from .variants import Variant, check_schemes, prepare_variants
+
+IMAGE_SEEDS = 80_000  # drawn benchmark images: away from training, validation and quantize seeds
+EAGER = "pytorch-eager"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run."""
+
+    out: Path  # results folder: report.json, report.md, PNG plots
+    model: str | None = None  # source model (hub id or local dir): the eager baseline and on-the-fly exports
+    preset: str | None = None  # "tiny" or "full": build a random-weight ViT-GPT2 source instead of --model
+    variants: tuple[str, ...] = ()  # existing artifact directories to compare
+    schemes: tuple[str, ...] = ()  # schemes to quantize on the fly from an fp32 export of the source
+    work_dir: Path | None = None  # presets and on-the-fly artifacts; None puts them in OUT/artifacts
+    threads: int = 2  # intra-op threads for torch and onnxruntime alike
+    repeats: int = 5  # timed passes over the images per variant
+    warmup: int = 1  # untimed passes first (thread pools, allocators, page cache)
+    images: int = 4  # drawn images per pass
+    max_new_tokens: int = 16  # tokens every variant decodes (min_new_tokens is set to the same)
+    measure_rss: bool = True  # peak RSS per variant in a fresh subprocess (a few seconds each)
+    plots: bool = True  # PNG plots when matplotlib is importable
+    progress: bool = True  # rich progress bar on stderr
+    command: str = ""  # the exact command line, recorded in the report
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.work_dir or self.out / "artifacts"
+
+
+def resolve_source(config: BenchConfig, log: Callable[[str], None]) -> str:
+    """The source model path: --model as given, or the preset built under the work dir."""
+    if (config.model is None) == (config.preset is None):
+        raise KilnError("give exactly one of --model SRC or --preset {tiny,full}.")
+    if config.model is not None:
+        return config.model
+    from .presets import PRESETS, build_preset
+
+    if config.preset not in PRESETS:
+        raise KilnError(f"--preset {config.preset}: unknown. Valid presets: {', '.join(PRESETS)}.")
+    log(f"preset {config.preset}: building or reusing it under {config.artifacts_dir}")
+    return str(build_preset(config.preset, config.artifacts_dir))
+
+
+def _check(config: BenchConfig) -> None:
+    for name in ("threads", "repeats", "images", "max_new_tokens"):
+        if getattr(config, name) < 1:
+            raise KilnError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
+    if config.warmup < 0:
+        raise KilnError(f"--warmup must be 0 or more, got {config.warmup}.")
+    check_schemes(config.schemes)
+
+
+@dataclass
+class Timings:
+    """Measured jobs of one variant: the captions of the first pass and every timed job."""
+
+    captions: list[Job] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
+
+
+def time_variants(runners: dict[str, Any], images: list, config: BenchConfig) -> dict[str, Timings]:
+    """Warm-up passes, then timed passes, each pass running every variant over every image in turn."""
+    timings = {name: Timings() for name in runners}
+    passes = config.warmup + config.repeats
+    with Progress(console=Console(stderr=True), transient=True, disable=not config.progress) as progress:
+        task = progress.add_task("timing", total=passes * len(runners) * len(images))
+        for index in range(passes):
+            for name, runner in runners.items():
+                progress.update(task, description=f"pass {index + 1}/{passes}: {name}")
+                jobs = [runner.run(image) for image in images]
+                progress.advance(task, len(images))
+                if index == 0:
+                    timings[name].captions = jobs
+                if index >= config.warmup:
+                    timings[name].jobs += jobs
+    return timings
+
+
+def latency(jobs: list[Job], max_new_tokens: int) -> dict[str, float]:
+    totals = np.array([job.total_s for job in jobs])
+    p50, p90, p99 = np.percentile(totals, [50, 90, 99])
+    return {
+        "p50_s": float(p50),
+        "p90_s": float(p90),
+        "p99_s": float(p99),
+        "mean_s": float(totals.mean()),
+        "jobs": len(jobs),
+        "images_per_s": len(jobs) / float(totals.sum()),
+        "tokens_per_s": len(jobs) * max_new_tokens / float(totals.sum()),
+    }
+
+
+def stage_medians(jobs: list[Job]) -> dict[str, float]:
+    names = {name for job in jobs for name in job.stages}
+    return {name: statistics.median(job.stages[name] for job in jobs if name in job.stages) for name in names}
+
+
+def artifact_bytes(directory: Path) -> tuple[int, int | None]:
+    """(all files of the artifact, weight bytes one decoder step reads) in bytes."""
+    from modelkiln.manifest import read_manifest
+
+    manifest = read_manifest(directory)
+    total = sum((directory / name).stat().st_size for name in manifest.files)
+    spec = manifest.components.get("decoder")
+    if spec is None:
+        return total, None
+    return total, roofline.step_weight_bytes(directory / spec.file)
+
+
+def eager_bytes(runner: EagerRunner, source: str) -> tuple[int, int | None]:
+    """(source weight files, decoder parameters one step reads) in bytes.
+
+    Embedding tables count only when another module shares them (GPT-2's lm_head reads all of wte);
+    a lookup-only table (wpe) costs one row. The cross-attention K/V projections still count, although
+    transformers runs them on the first step only: the eager bound is slightly generous.
+    """
+    import torch
+
+    from modelkiln.exporters.source import resolve_source
+
+    resolved = resolve_source(source)
+    total = sum((resolved.path / name).stat().st_size for name in resolved.weight_files)
+    decoder = getattr(runner.model, "decoder", None)
+    if decoder is None:
+        return total, None
+    lookups = {id(m.weight) for m in decoder.modules() if isinstance(m, torch.nn.Embedding)}
+    owners: dict[int, int] = {}
+    for _, parameter in decoder.named_parameters(remove_duplicate=False):
+        owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    # parameters() yields a tied weight once (GPT-2's wte and lm_head).
+    return total, sum(
+        p.numel() * p.element_size()
+        for p in decoder.parameters()
+        if id(p) not in lookups or owners[id(p)] > 1
+    )
+
+
+def _rss(name: str, target: str, config: BenchConfig) -> int | None:
+    if not config.measure_rss:
+        return None
+    from .rss import measure_rss
+
+    return measure_rss(target, name == EAGER, config.threads, config.max_new_tokens, IMAGE_SEEDS)
+
+
+def variant_row(
+    name: str, target: str, sizes: tuple, timings: Timings, baseline: Timings, context: dict
+) -> dict:
+    """Everything measured for one variant, as report.json stores it."""
+    config: BenchConfig = context["config"]
+    stages = stage_medians(timings.jobs)
+    total_bytes, decoder_bytes = sizes
+    return {
+        "name": name,
+        "path": target,
+        "size_bytes": total_bytes,
+        "latency": latency(timings.jobs, config.max_new_tokens),
+        "stages_s": stages,
+        "peak_rss_bytes": _rss(name, target, config),
+        "quality": caption_agreement(baseline.captions, timings.captions),
+        "roofline": roofline.multiples(context["machine"], decoder_bytes, context["flops"], stages),
+    }
+
+
+def _load_runners(source: str, variants: list[Variant], config: BenchConfig) -> dict[str, Any]:
+    runners: dict[str, Any] = {EAGER: EagerRunner(source, config.threads, config.max_new_tokens)}
+    for variant in variants:
+        runners[variant.name] = OrtRunner(variant.path, config.threads, config.max_new_tokens)
+    return runners
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: None) -> dict:
+    """Run the whole benchmark and write report.json, report.md and plots into ``config.out``."""
+    import json
+
+    from modelkiln.exporters.source import resolve_source as resolve_model
+    from modelkiln.fixtures import shapes
+
+    from .report import machine_info, write_reports
+
+    # 1. Check the request, then build or find the source and every variant.
+    _check(config)
+    source = resolve_source(config, log)
+    log("measuring this machine's GEMM and memory bandwidth")
+    machine = roofline.measure_machine(config.threads)
+    variants = prepare_variants(source, config.schemes, config.variants, config.artifacts_dir, log)
+    # 2. Time all variants on the same images, round-robin.
+    log(f"loading {len(variants) + 1} variants")
+    runners = _load_runners(source, variants, config)
+    images = [shapes.draw(IMAGE_SEEDS + i)[0] for i in range(config.images)]
+    timings = time_variants(runners, images, config)
+    # 3. Summarise each against the eager baseline, then write the reports.
+    log("measuring peak memory per variant")
+    context = {
+        "config": config,
+        "machine": machine,
+        "flops": roofline.encoder_flops(resolve_model(source).config),
+    }
+    targets = {EAGER: (source, eager_bytes(runners[EAGER], source))}
+    targets |= {v.name: (str(v.path), artifact_bytes(v.path)) for v in variants}
+    rows = [
+        variant_row(name, target, sizes, timings[name], timings[EAGER], context)
+        for name, (target, sizes) in targets.items()
+    ]
+    report = {
+        "command": config.command,
+        "source": source,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()},
+        "machine": {**machine_info(), "roofline": machine, "encoder_flops": context["flops"]},
+        "variants": rows,
+    }
+    report = json.loads(json.dumps(report, default=str))  # plain JSON types throughout
+    write_reports(report, config.out, config.plots)
+    return report

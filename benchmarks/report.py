@@ -1,0 +1,225 @@
+"""Write a benchmark report: report.json (everything) and report.md (the tables a person reads first).
+
+    write_reports(report, Path("bench"), plots=True)
+
+``report`` is what ``harness.run_bench`` assembles; speed-ups are against the first variant (PyTorch
+eager) and sizes against the fp32 ONNX export when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+LIBRARIES = ("modelkiln", "torch", "transformers", "onnx", "onnxruntime", "numpy", "sacrebleu", "matplotlib")
+# Issue 6's targets, checked in the report: (what, variant, figure, limit, higher is better).
+TARGETS = (
+    ("ONNX fp32 end-to-end speed-up vs eager", "onnx-fp32", "speedup", 1.5, True),
+    ("int8 end-to-end speed-up vs eager", "int8-dynamic", "speedup", 3.0, True),
+    ("int8 size vs fp32 ONNX", "int8-dynamic", "size_ratio", 0.30, False),
+    ("int4 size vs fp32 ONNX", "int4-weight", "size_ratio", 0.20, False),
+    ("fp32 decode vs bandwidth bound", "onnx-fp32", "decode_multiple", 1.5, False),
+    ("int8 decode vs bandwidth bound", "int8-dynamic", "decode_multiple", 1.5, False),
+    ("int4 decode vs bandwidth bound", "int4-weight", "decode_multiple", 1.5, False),
+)
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
+def machine_info() -> dict:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "libraries": versions,
+    }
+
+
+def derived(report: dict) -> dict[str, dict]:
+    """Per variant: speed-up vs eager (p50), size vs the fp32 ONNX export, decode roofline multiple."""
+    rows = report["variants"]
+    eager = rows[0]["latency"]["p50_s"]
+    fp32 = next((row["size_bytes"] for row in rows if row["name"] == "onnx-fp32"), None)
+    return {
+        row["name"]: {
+            "speedup": eager / row["latency"]["p50_s"],
+            "size_ratio": row["size_bytes"] / fp32 if fp32 and row is not rows[0] else None,
+            "decode_multiple": row["roofline"].get("decode_multiple"),
+        }
+        for row in rows
+    }
+
+
+def check_targets(report: dict) -> list[dict]:
+    figures = derived(report)
+    checks = []
+    for what, variant, key, limit, higher in TARGETS:
+        value = figures.get(variant, {}).get(key)
+        if value is not None:
+            met = value >= limit if higher else value <= limit
+            checks.append({"target": what, "limit": limit, "value": value, "met": met})
+    return checks
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    # Tiny models have sub-millisecond stages: keep two significant digits there.
+    return f"{seconds * 1e3:.1f}" if seconds >= 0.01 else f"{seconds * 1e3:.2g}"
+
+
+def _mb(size: float | None) -> str:
+    return "-" if size is None else f"{size / 1e6:.1f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def latency_table(report: dict) -> list[str]:
+    figures = derived(report)
+    rows = []
+    for row in report["variants"]:
+        lat = row["latency"]
+        rows.append(
+            [
+                row["name"],
+                _ms(lat["p50_s"]),
+                _ms(lat["p90_s"]),
+                _ms(lat["p99_s"]),
+                f"{figures[row['name']]['speedup']:.2f}x",
+                f"{lat['images_per_s']:.2f}",
+                f"{lat['tokens_per_s']:.1f}",
+            ]
+        )
+    header = ["variant", "p50 ms", "p90 ms", "p99 ms", "speed-up vs eager (p50)", "images/s", "tokens/s"]
+    return _table(header, rows)
+
+
+def stage_table(report: dict) -> list[str]:
+    names = ("preprocess", "encoder", "first_token", "decode_per_token")
+    rows = [[row["name"], *(_ms(row["stages_s"].get(n)) for n in names)] for row in report["variants"]]
+    return _table(["variant", "preprocess ms", "encoder ms", "first token ms", "per-token decode ms"], rows)
+
+
+def size_table(report: dict) -> list[str]:
+    figures = derived(report)
+    rows = []
+    for row in report["variants"]:
+        ratio = figures[row["name"]]["size_ratio"]
+        share = "-" if ratio is None else f"{ratio:.0%}"
+        rows.append([row["name"], _mb(row["size_bytes"]), share, _mb(row["peak_rss_bytes"])])
+    return _table(["variant", "size MB", "of fp32 ONNX", "peak RSS MB"], rows)
+
+
+def quality_table(report: dict) -> list[str]:
+    rows = []
+    for row in report["variants"][1:]:
+        q = row["quality"]
+        rows.append(
+            [
+                row["name"],
+                f"{q['exact_match']:.0%}",
+                f"{q['token_agreement']:.3f}",
+                f"{q['bleu']:.1f}",
+                f"{q['chrf']:.1f}",
+                str(q["empty_captions"]),
+            ]
+        )
+    return _table(["variant", "exact match", "token agreement", "BLEU", "chrF", "empty"], rows)
+
+
+def roofline_table(report: dict) -> list[str]:
+    rows = []
+    for row in report["variants"]:
+        r = row["roofline"]
+        rows.append(
+            [
+                row["name"],
+                _mb(r.get("decoder_weight_bytes")),
+                _ms(r.get("decode_bound_s")),
+                _ms(row["stages_s"].get("decode_per_token")),
+                _times(r.get("decode_multiple")),
+                _ms(r.get("encoder_bound_s")),
+                _ms(row["stages_s"].get("encoder")),
+                _times(r.get("encoder_multiple")),
+            ]
+        )
+    header = ["variant", "decoder weights MB", "decode bound ms", "decode ms", "decode / bound"]
+    return _table([*header, "encoder bound ms", "encoder ms", "encoder / bound"], rows)
+
+
+def targets_table(checks: list[dict]) -> list[str]:
+    rows = [
+        [c["target"], f"{c['limit']:g}", f"{c['value']:.2f}", "met" if c["met"] else "MISSED"] for c in checks
+    ]
+    return _table(["issue 6 target", "limit", "measured", ""], rows)
+
+
+def markdown(report: dict) -> str:
+    machine, settings = report["machine"], report["settings"]
+    roof = machine["roofline"]
+    lines = [
+        "# kiln bench",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"Source `{report['source']}`; {settings['images']} drawn images x {settings['repeats']} repeats "
+        f"after {settings['warmup']} warm-up, batch 1, greedy, {settings['max_new_tokens']} tokens each, "
+        f"{settings['threads']} threads. {machine['cpu']} ({machine['cores']} cores): "
+        f"fp32 GEMM {roof['gemm_gflops']} GFLOP/s, memory read {roof['read_gbps']} GB/s.",
+        "",
+        "## Latency per image (end to end)",
+        "",
+        *latency_table(report),
+        "## Median time per stage",
+        "",
+        *stage_table(report),
+        "## Size and memory",
+        "",
+        *size_table(report),
+        "## Quality vs PyTorch eager captions",
+        "",
+        *quality_table(report),
+        "## Roofline (decode: weight bytes / read bandwidth; encoder: FLOPs / fp32 GEMM rate)",
+        "",
+        *roofline_table(report),
+    ]
+    if report["targets"]:
+        lines += ["## Targets", "", *targets_table(report["targets"])]
+    return "\n".join(lines)
+
+
+def write_reports(report: dict, out: Path, plots: bool) -> list[Path]:
+    """report.json, report.md and (with matplotlib) PNG plots; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    report["targets"] = check_targets(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    written = [out / "report.json", out / "report.md"]
+    if plots:
+        from .plots import write_plots
+
+        written += write_plots(report, out)
+    return written

@@ -1,0 +1,133 @@
+"""One captioning job (preprocess, encode, decode, detokenize) per image, timed stage by stage.
+
+    runner = OrtRunner(Path("out/vit-gpt2-int8"), threads=2, max_new_tokens=16)
+    runner = EagerRunner("nlpconnect/vit-gpt2-image-captioning", threads=2, max_new_tokens=16)
+    job = runner.run(image)   # Job(tokens, text, total_s, stages={"preprocess": s, "encoder": s, ...})
+
+Both decode greedily with ``min_new_tokens = max_new_tokens``, so every variant decodes exactly the
+same number of tokens. ONNX stages come from wrapping the run calls of ``pipe.sessions``; PyTorch
+stages from forward hooks on ``model.encoder`` and ``model.decoder`` (one decoder call per token).
+Nothing here imports torch unless an ``EagerRunner`` is made.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one image's captioning produced and how long each part took."""
+
+    tokens: list[int]  # generated tokens, without the start token
+    text: str  # decoded caption
+    total_s: float  # wall time of the whole job, preprocessing included
+    stages: dict[str, float] = field(
+        default_factory=dict
+    )  # preprocess, encoder, first_token, decode_per_token
+
+
+def stage_times(preprocess_s: float, calls: list[tuple[str, float]]) -> dict[str, float]:
+    """Per-stage seconds from (component, seconds) calls: everything before the decoder is the encoder
+    side; the decoder's first call is the first token, the mean of the others the per-token decode."""
+    decoder = [seconds for name, seconds in calls if name == "decoder"]
+    stages = {"preprocess": preprocess_s, "encoder": sum(s for n, s in calls if n != "decoder")}
+    if decoder:
+        stages["first_token"] = decoder[0]
+    if len(decoder) > 1:
+        stages["decode_per_token"] = sum(decoder[1:]) / (len(decoder) - 1)
+    return stages
+
+
+def _timed(method, name: str, calls: list[tuple[str, float]]):
+    def run(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            calls.append((name, time.perf_counter() - start))
+
+    return run
+
+
+def _greedy(max_new_tokens: int) -> dict[str, Any]:
+    return {
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": max_new_tokens,
+        "num_beams": 1,
+        "do_sample": False,
+    }
+
+
+class OrtRunner:
+    """An artifact loaded through ``modelkiln.runtime`` with its session calls timed."""
+
+    def __init__(self, directory: Path, threads: int, max_new_tokens: int):
+        from modelkiln import runtime
+
+        self.pipe = runtime.load(directory, threads=threads)
+        self.generation = _greedy(max_new_tokens)
+        self.calls: list[tuple[str, float]] = []
+        # Instance attributes shadow the class methods, so every caller inside the pipeline is timed.
+        for name, session in getattr(self.pipe, "sessions", {}).items():
+            session.run = _timed(session.run, name, self.calls)
+            session.run_with_ort_values = _timed(session.run_with_ort_values, name, self.calls)
+
+    def run(self, image) -> Job:
+        self.calls.clear()
+        start = time.perf_counter()
+        pixel_values = self.pipe.preprocess([image])
+        preprocessed = time.perf_counter()
+        ids, tokens = self.pipe.generate_tokens(pixel_values, **self.generation)
+        text = self.pipe.texts(ids, tokens)[0]
+        total = time.perf_counter() - start
+        return Job(tokens[0], text, total, stage_times(preprocessed - start, self.calls))
+
+
+class EagerRunner:
+    """The PyTorch fp32 source model: the model's own processor, then ``model.generate``."""
+
+    def __init__(self, model: str, threads: int, max_new_tokens: int):
+        import torch
+
+        from modelkiln.exporters.source import resolve_source
+        from modelkiln.registry import detect_family
+        from modelkiln.runtime.text import TextCodec
+
+        torch.set_num_threads(threads)
+        source = resolve_source(model)
+        exporter = detect_family(source.config, model).load_exporter()
+        self.model = exporter.load_model(source)
+        self.processor = exporter.reference_processor(source)
+        self.codec = TextCodec.from_dir(source.path)
+        self.generation = _greedy(max_new_tokens)
+        self.calls: list[tuple[str, float]] = []
+        self._hook("encoder")
+        self._hook("decoder")
+
+    def _hook(self, name: str) -> None:
+        module = getattr(self.model, name, None)
+        if module is None:  # families without this split report end-to-end time only
+            return
+        started: list[float] = []
+        module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+        module.register_forward_hook(
+            lambda *_: self.calls.append((name, time.perf_counter() - started.pop()))
+        )
+
+    def run(self, image) -> Job:
+        import torch
+
+        self.calls.clear()
+        start = time.perf_counter()
+        pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"].to(torch.float32)
+        preprocessed = time.perf_counter()
+        with torch.no_grad():
+            sequences = self.model.generate(pixel_values=pixels, **self.generation)
+        tokens = [int(t) for t in sequences[0, 1:]]  # drop the decoder start token
+        text = self.codec.batch_decode([tokens])[0]
+        total = time.perf_counter() - start
+        return Job(tokens, text, total, stage_times(preprocessed - start, self.calls))

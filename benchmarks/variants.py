@@ -1,0 +1,89 @@
+"""The artifact variants a benchmark compares: given directories, plus ones made on the fly.
+
+    variants = prepare_variants(source, ("int8-dynamic",), given=(), work_dir, log)
+    # [Variant("onnx-fp32", Path(".../onnx-fp32")), Variant("int8-dynamic", Path(...))]
+
+On-the-fly variants are an fp32 export of the source and one quantized child per scheme, written
+under ``work_dir`` and reused on a later run when they come from the same source weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelkiln.errors import KilnError
+from modelkiln.manifest import read_manifest
+
+QUALITY_IMAGES = 4  # kiln quantize's own quality check: the benchmark measures quality itself
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One artifact under test."""
+
+    name: str  # label in the report: the scheme, or onnx-<precision> for exports
+    path: Path  # artifact directory
+
+
+def label(directory: Path) -> str:
+    manifest = read_manifest(directory)
+    scheme = (manifest.quantization or {}).get("scheme")
+    return scheme or f"onnx-{manifest.precision}"
+
+
+def _reusable(directory: Path, weights_sha256: str) -> bool:
+    if not (directory / "manifest.json").is_file():
+        return False
+    return read_manifest(directory).source.weights_sha256 == weights_sha256
+
+
+def _export(source: str, directory: Path, log: Callable[[str], None]) -> Path:
+    from modelkiln.exporters.export import ExportConfig, export_model
+    from modelkiln.exporters.source import resolve_source
+
+    if _reusable(directory, resolve_source(source).weights_sha256):
+        log(f"reusing {directory}")
+        return directory
+    log(f"exporting {source} to {directory}")
+    export_model(source, directory, ExportConfig(overwrite=True), log=log)
+    return directory
+
+
+def _quantize(parent: Path, scheme: str, directory: Path, log: Callable[[str], None]) -> Path:
+    from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
+
+    parent_sha = read_manifest(parent).source.weights_sha256
+    if _reusable(directory, parent_sha) and label(directory) == scheme:
+        log(f"reusing {directory}")
+        return directory
+    log(f"quantizing with {scheme} into {directory}")
+    config = QuantizeConfig(scheme=scheme, num_images=QUALITY_IMAGES, overwrite=True)
+    quantize_artifact(parent, directory, config, log=log)
+    return directory
+
+
+def check_schemes(schemes: tuple[str, ...]) -> None:
+    from modelkiln.quantize.schemes import SCHEMES
+
+    unknown = [scheme for scheme in schemes if scheme not in SCHEMES]
+    if unknown:
+        raise KilnError(f"--schemes {', '.join(unknown)}: unknown scheme. Valid: {', '.join(SCHEMES)}.")
+
+
+def prepare_variants(
+    source: str, schemes: tuple[str, ...], given: tuple[str, ...], work_dir: Path, log: Callable[[str], None]
+) -> list[Variant]:
+    """The given directories, then (with schemes, or when none is given) the fp32 export and its children."""
+    check_schemes(schemes)
+    variants = [Variant(label(Path(d)), Path(d).absolute()) for d in given]
+    if schemes or not given:
+        fp32 = _export(source, work_dir / "onnx-fp32", log)
+        variants.append(Variant("onnx-fp32", fp32))
+        variants += [Variant(s, _quantize(fp32, s, work_dir / s, log)) for s in schemes]
+    names = [variant.name for variant in variants]
+    # Two variants with one label (e.g. two int8 exports) keep apart by their folder names.
+    return [
+        Variant(v.name if names.count(v.name) == 1 else f"{v.name} ({v.path.name})", v.path) for v in variants
+    ]
