@@ -107,6 +107,16 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
     ]
 
 
+def embedding_gathers(model: onnx.ModelProto) -> list[str]:
+    """Names of Gather nodes that look rows up in a 2-D initializer: embedding tables."""
+    inits = _initializers(model)
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2
+    ]
+
+
 def count_ops(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:

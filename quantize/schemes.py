@@ -39,7 +39,7 @@ SCHEMES: dict[str, Scheme] = {
         precision="int8",
         description="onnxruntime dynamic quantization: int8 per-channel weights, activations quantized per call",
         apply=quantize_int8_dynamic,
-        options={"per_channel": True},
+        options={"per_channel": True, "quantize_embeddings": True},
     ),
     "int4-weight": Scheme(
         name="int4-weight",

@@ -105,6 +105,19 @@ def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(small_arti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
 
 
+def test_int8_dynamic_stores_embedding_tables_int8(small_artifact, tmp_path):
+    manifest = quantize_artifact(
+        small_artifact, tmp_path / "out", QuantizeConfig("int8-dynamic", num_images=2)
+    )
+    assert manifest.quantization["nodes"]["decoder"]["quantized_embeddings"] == 2  # token and position tables
+    graph = onnx.load(str(tmp_path / "out" / "decoder.onnx"))
+    dtypes = {i.name: i.data_type for i in graph.graph.initializer}
+    lookups = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[0] in dtypes]
+    # The rows are gathered from the int8 table, then dequantized: no fp32 table is left behind.
+    assert len(lookups) == 2
+    assert all(dtypes[n.input[0]] in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for n in lookups)
+
+
 def test_static_calibration_is_recorded_from_real_decode_steps(small_artifact, tmp_path):
     manifest = quantize_artifact(
         small_artifact, tmp_path / "out", QuantizeConfig("int8-static", num_images=2)
