@@ -105,10 +105,10 @@ def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(small_arti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
 
 
-def test_int8_dynamic_stores_embedding_tables_int8(small_artifact, tmp_path):
-    manifest = quantize_artifact(
-        small_artifact, tmp_path / "out", QuantizeConfig("int8-dynamic", num_images=2)
-    )
+@pytest.mark.parametrize(("scheme", "options"), [("int8-dynamic", {}), ("int4-weight", {"block_size": 16})])
+def test_embedding_tables_are_stored_int8(wide_artifact, tmp_path, scheme, options):
+    config = QuantizeConfig(scheme, options=options, num_images=2)
+    manifest = quantize_artifact(wide_artifact, tmp_path / "out", config)
     assert manifest.quantization["nodes"]["decoder"]["quantized_embeddings"] == 2  # token and position tables
     graph = onnx.load(str(tmp_path / "out" / "decoder.onnx"))
     dtypes = {i.name: i.data_type for i in graph.graph.initializer}
