@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from modelkiln.errors import SourceModelError
+from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
+    CAPTIONER_RECIPE,
     CacheShape,
     cache_names,
     cross_attention_components,
@@ -271,17 +273,8 @@ def torch_captions(
     return [[int(t) for t in row[prompt_length:]] for row in sequences]
 
 
-def reference_processor(source: Source):
-    """The model's own image processor, to preprocess validation images on the PyTorch side."""
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(source.path)
-
-
 # BLIP's ViT and text decoder are both weight-matmul graphs, as in ViT-GPT2: every scheme takes both.
-QUANTIZE_RECIPES = {
-    "int8-dynamic": ("encoder", "decoder"),
-    "int8-static": ("encoder", "decoder"),
-    "int4-weight": ("encoder", "decoder"),
-    "fp16": ("encoder", "decoder"),
-}
+QUANTIZE_RECIPES = CAPTIONER_RECIPE
+
+# The validator runs PyTorch on images prepared by the model's own processor, alike for every family.
+reference_processor = decoding.reference_processor

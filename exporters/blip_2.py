@@ -26,7 +26,15 @@ import torch
 from torch import nn
 
 from modelkiln.errors import UnsupportedModelError
-from modelkiln.exporters.decoding import cache_axes, cache_names, merge_heads, save_text_files, split_heads
+from modelkiln.exporters import decoding
+from modelkiln.exporters.decoding import (
+    CAPTIONER_RECIPE,
+    cache_axes,
+    cache_names,
+    merge_heads,
+    save_text_files,
+    split_heads,
+)
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source, load_pretrained
 
@@ -292,18 +300,9 @@ def torch_captions(
     return [[int(t) for t in row[input_ids.shape[1] :]] for row in sequences]
 
 
-def reference_processor(source: Source):
-    """The model's own image processor, to preprocess validation images on the PyTorch side."""
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(source.path)
-
-
 # The OPT decoder holds most of BLIP-2's weights and is bandwidth-bound per token; the vision graph
 # (ViT-g, Q-Former) is compute-bound. Every scheme takes both: int4 on the vision graph saves bytes.
-QUANTIZE_RECIPES = {
-    "int8-dynamic": ("encoder", "decoder"),
-    "int8-static": ("encoder", "decoder"),
-    "int4-weight": ("encoder", "decoder"),
-    "fp16": ("encoder", "decoder"),
-}
+QUANTIZE_RECIPES = CAPTIONER_RECIPE
+
+# The validator runs PyTorch on images prepared by the model's own processor, alike for every family.
+reference_processor = decoding.reference_processor

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
+    CAPTIONER_RECIPE,
     CacheShape,
     cache_names,
     cross_attention_components,
@@ -201,20 +203,11 @@ def torch_captions(
     return [[int(t) for t in row[1:]] for row in sequences]
 
 
-def reference_processor(source: Source):
-    """The model's own image processor, to preprocess validation images on the PyTorch side."""
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(source.path)
-
-
 # Components each quantization scheme touches by default (`kiln quantize --components` overrides).
 # Both graphs are mostly weight matmuls: the encoder is compute-bound (int8 GEMM is ~2x fp32 here) and
 # the decoder is bandwidth-bound per token (fewer weight bytes per step), so both gain from every scheme;
 # int4 on the encoder saves bytes (the size target) rather than time.
-QUANTIZE_RECIPES = {
-    "int8-dynamic": ("encoder", "decoder"),
-    "int8-static": ("encoder", "decoder"),
-    "int4-weight": ("encoder", "decoder"),
-    "fp16": ("encoder", "decoder"),
-}
+QUANTIZE_RECIPES = CAPTIONER_RECIPE
+
+# The validator runs PyTorch on images prepared by the model's own processor, alike for every family.
+reference_processor = decoding.reference_processor
