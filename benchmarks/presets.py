@@ -34,6 +34,7 @@ class Preset:
     positions: int  # GPT-2 n_positions
     initializer_range: float  # weight init std: 0.02 is GPT-2's own; tiny uses 0.3 so logits are peaked
     seed: int  # torch seed of the weights
+    inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx (off in the real model)
 
 
 PRESETS = {
@@ -77,6 +78,7 @@ def build_model(preset: Preset):
         n_layer=preset.gpt_layers,
         n_head=preset.gpt_heads,
         add_cross_attention=True,
+        scale_attn_by_inverse_layer_idx=preset.inverse_layer_scale,
         initializer_range=preset.initializer_range,
         bos_token_id=1,
         eos_token_id=2,

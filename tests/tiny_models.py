@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from modelkiln.benchmarks import presets
+
 WORDS = [f"w{i}" for i in range(40)]
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
@@ -37,47 +39,29 @@ TINY_VIT_GPT2 = {
 
 
 def word_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {word: i for i, word in enumerate(SPECIALS + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return presets.word_tokenizer(len(SPECIALS) + len(WORDS))
 
 
 def build_tiny_vit_gpt2(sizes: TinyViTGPT2):
-    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
-
-    torch.manual_seed(sizes.seed)
-    encoder = ViTConfig(
+    """The same builder the benchmark presets use, at these sizes (ViT: 2 layers, MLP twice as wide)."""
+    preset = presets.Preset(
         image_size=sizes.image_size,
         patch_size=sizes.patch_size,
-        hidden_size=sizes.vit_hidden,
-        num_hidden_layers=2,
-        num_attention_heads=sizes.vit_heads,
-        intermediate_size=2 * sizes.vit_hidden,
-    )
-    decoder = GPT2Config(
+        vit_hidden=sizes.vit_hidden,
+        vit_layers=2,
+        vit_heads=sizes.vit_heads,
+        vit_intermediate=2 * sizes.vit_hidden,
+        gpt_hidden=sizes.gpt_hidden,
+        gpt_layers=sizes.gpt_layers,
+        gpt_heads=sizes.gpt_heads,
         vocab_size=len(SPECIALS) + len(WORDS),
-        n_positions=40,
-        n_embd=sizes.gpt_hidden,
-        n_layer=sizes.gpt_layers,
-        n_head=sizes.gpt_heads,
-        add_cross_attention=True,
-        scale_attn_by_inverse_layer_idx=sizes.inverse_layer_scale,
+        positions=40,
         # Wide init makes random logits peaked and image-dependent, so captions vary and hit EOS sometimes.
         initializer_range=0.3,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        seed=sizes.seed,
+        inverse_layer_scale=sizes.inverse_layer_scale,
     )
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
-    return VisionEncoderDecoderModel(config).eval()
+    return presets.build_model(preset)
 
 
 def save_tiny_vit_gpt2(directory: Path, sizes: TinyViTGPT2) -> Path:
