@@ -161,6 +161,20 @@ def verify_files(artifact_dir: str | os.PathLike, manifest: Manifest) -> list[st
     return problems
 
 
+def require_intact(artifact_dir: str | os.PathLike, manifest: Manifest, hashes: bool = True) -> None:
+    """Raise ArtifactError unless every manifest file is there (and, with ``hashes``, unchanged)."""
+    directory = Path(artifact_dir)
+    if hashes:
+        problems = verify_files(directory, manifest)
+    else:
+        problems = [f"missing: {name}" for name in manifest.files if not (directory / name).is_file()]
+    if problems:
+        raise ArtifactError(
+            f"{directory} does not match its manifest: {'; '.join(problems)}. "
+            "Re-export or re-copy the artifact (`kiln verify` lists every difference)."
+        )
+
+
 def artifact_hash(manifest: Manifest) -> str:
     """One sha256 naming the artifact's content: a hash over its file hashes."""
     digest = hashlib.sha256()

@@ -22,7 +22,14 @@ from typing import Any
 
 from modelkiln.artifact import finish, staged_artifact
 from modelkiln.errors import KilnError, SourceModelError
-from modelkiln.manifest import MANIFEST_NAME, Manifest, SourceSpec, artifact_hash, read_manifest, verify_files
+from modelkiln.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    SourceSpec,
+    artifact_hash,
+    read_manifest,
+    require_intact,
+)
 from modelkiln.registry import Family, detect_family, get_family
 
 # Module classes bitsandbytes puts in place of nn.Linear; counted into the manifest.
@@ -72,10 +79,7 @@ def resolve_bnb_source(given: str | os.PathLike) -> BnbSource:
             f"{parent_dir} is already a {manifest.kind} variant ({manifest.precision}). Pass its ONNX "
             f"parent or the original model ({manifest.source.model})."
         )
-    if problems := verify_files(parent_dir, manifest):
-        raise KilnError(
-            f"{parent_dir} does not match its manifest ({'; '.join(problems)}). Re-export it first."
-        )
+    require_intact(parent_dir, manifest)
     return BnbSource(manifest.source.model, parent_dir, manifest)
 
 

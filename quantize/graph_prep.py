@@ -97,24 +97,24 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(kept)
 
 
-def weight_matmuls(model: onnx.ModelProto) -> list[str]:
-    """Names of MatMul nodes whose second input is a 2-D initializer: the weights worth quantizing."""
+def _reads_table(model: onnx.ModelProto, op_type: str, index: int) -> list[str]:
+    """Names of ``op_type`` nodes whose input ``index`` is a 2-D initializer."""
     inits = _initializers(model)
     return [
         node.name
         for node in model.graph.node
-        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2
+        if node.op_type == op_type and node.input[index] in inits and len(inits[node.input[index]].dims) == 2
     ]
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Names of MatMul nodes whose weight (second input) is a constant matrix: the ones worth quantizing."""
+    return _reads_table(model, "MatMul", 1)
 
 
 def embedding_gathers(model: onnx.ModelProto) -> list[str]:
-    """Names of Gather nodes that look rows up in a 2-D initializer: embedding tables."""
-    inits = _initializers(model)
-    return [
-        node.name
-        for node in model.graph.node
-        if node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2
-    ]
+    """Names of Gather nodes that look rows up in a constant table: embeddings."""
+    return _reads_table(model, "Gather", 0)
 
 
 def count_ops(model: onnx.ModelProto) -> dict[str, int]:

@@ -21,7 +21,13 @@ import onnx
 
 from modelkiln.artifact import finish, staged_artifact
 from modelkiln.errors import KilnError, ValidationFailedError
-from modelkiln.manifest import Manifest, artifact_hash, read_manifest, verify_files, write_manifest
+from modelkiln.manifest import (
+    Manifest,
+    artifact_hash,
+    read_manifest,
+    require_intact,
+    write_manifest,
+)
 from modelkiln.registry import get_family
 
 from .calibration import record_calibration
@@ -151,8 +157,7 @@ def quantize_artifact(
             f"{parent} is a {manifest.kind} artifact; scheme {config.scheme} quantizes ONNX graphs. "
             f"Pass its ONNX parent or export {manifest.source.model} first."
         )
-    if problems := verify_files(parent, manifest):
-        raise KilnError(f"{parent} does not match its manifest ({'; '.join(problems)}). Re-export it first.")
+    require_intact(parent, manifest)
     options = resolve_options(get_scheme(config.scheme), config.options)
     components = _components(manifest, config)
     with staged_artifact(out, overwrite=config.overwrite) as staging:

@@ -15,25 +15,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from modelkiln.errors import ArtifactError
-from modelkiln.manifest import read_manifest, verify_files
+from modelkiln.manifest import read_manifest, require_intact
 from modelkiln.registry import get_family
 
 from .session import BACKENDS, RuntimeOptions
 
 __all__ = ["BACKENDS", "RuntimeOptions", "load"]
-
-
-def _check_files(directory: Path, manifest, verify: bool) -> None:
-    if verify:
-        problems = verify_files(directory, manifest)
-    else:
-        problems = [f"missing: {name}" for name in manifest.files if not (directory / name).is_file()]
-    if problems:
-        raise ArtifactError(
-            f"{directory} does not match its manifest: {'; '.join(problems)}. "
-            "Re-export or re-copy the artifact (`kiln verify` lists every difference)."
-        )
 
 
 def load(
@@ -42,7 +29,7 @@ def load(
     """Load an artifact directory and return its runtime pipeline."""
     directory = Path(artifact_dir).absolute()
     manifest = read_manifest(directory)
-    _check_files(directory, manifest, verify)
+    require_intact(directory, manifest, hashes=verify)
     options = RuntimeOptions(backend=backend, threads=threads, verify=verify)
     if manifest.kind == "torch":
         # Imported here only: the ONNX path must stay free of torch.
