@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from modelkiln.artifact import finish, staged_artifact
+from modelkiln.errors import KilnError
 from modelkiln.manifest import Manifest, SourceSpec
-from modelkiln.registry import detect_family, get_family
+from modelkiln.registry import FAMILIES, detect_family, get_family
 
 from .onnx_export import export_component
 from .source import refuse_bitsandbytes, resolve_source
@@ -34,10 +35,35 @@ class ExportConfig:
     trust_remote_code: bool = False  # run model code shipped with the checkpoint
     overwrite: bool = False  # replace an existing output directory
     external_data: bool | None = None  # weights beside the graph: None decides by size (>2 GB), True forces
+    lora: tuple[str, ...] = ()  # diffusion only: "PATH[:SCALE]" LoRAs fused into the weights before export
+    max_sequence_length: int | None = None  # diffusion only: T5 prompt length (None: the family default)
+    without: tuple[str, ...] = ()  # diffusion only: optional components left out (SD3: text_encoder_3)
+
+    def family_options(self) -> dict:
+        """The family-specific options that were set, as keyword arguments of the exporter's load_model."""
+        from .diffusion import Lora
+
+        options = {
+            "lora": tuple(Lora.parse(text) for text in self.lora),
+            "max_sequence_length": self.max_sequence_length,
+            "without": tuple(self.without),
+        }
+        return {name: value for name, value in options.items() if value}
 
 
 def tool_versions() -> dict[str, str]:
-    names = ["modelkiln", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers", "numpy"]
+    names = [
+        "modelkiln",
+        "torch",
+        "transformers",
+        "diffusers",
+        "peft",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "tokenizers",
+        "numpy",
+    ]
     versions = {"python": platform.python_version()}
     for name in names:
         try:
@@ -45,6 +71,28 @@ def tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def _check_options(config: ExportConfig, family: str, exporter) -> dict:
+    """Family options the user set; an option the family does not take is an error, never ignored."""
+    options = config.family_options()
+    accepted = getattr(exporter, "EXPORT_OPTIONS", ())
+    for name in options:
+        if name not in accepted:
+            flag = "--" + name.replace("_", "-")
+            raise KilnError(
+                f"{flag} does not apply to family {family!r}; it applies to the diffusion families "
+                f"({', '.join(f.name for f in FAMILIES.values() if f.task == 'text-to-image')}). Drop {flag}."
+            )
+    if "lora" in options:
+        for lora in options["lora"]:
+            lora.weights_file()  # fails now, before any loading, on a missing LoRA
+    return options
+
+
+def _lora_record(torch_model) -> list:
+    record = getattr(torch_model, "lora_record", None)
+    return record() if record else []
 
 
 def export_model(
@@ -59,10 +107,11 @@ def export_model(
     refuse_bitsandbytes(source)
     family = get_family(config.family) if config.family else detect_family(source.config, str(model))
     exporter = family.load_exporter()
+    options = _check_options(config, family.name, exporter)
     with staged_artifact(out, overwrite=config.overwrite) as staging:
         # 2. Load the PyTorch model once; every component wraps the same weights.
         log(f"loading {model} as family {family.name}")
-        torch_model = exporter.load_model(source, trust_remote_code=config.trust_remote_code)
+        torch_model = exporter.load_model(source, trust_remote_code=config.trust_remote_code, **options)
         # 3. Export component by component, freeing each trace before the next.
         components = {}
         for component in exporter.build_components(torch_model):
@@ -77,7 +126,9 @@ def export_model(
         manifest = Manifest(
             family=family.name,
             task=family.task,
-            source=SourceSpec(str(model), source.weights_sha256, list(source.weight_files)),
+            source=SourceSpec(
+                str(model), source.weights_sha256, list(source.weight_files), _lora_record(torch_model)
+            ),
             opset=config.opset,
             precision="fp32",
             components=components,

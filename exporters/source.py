@@ -27,6 +27,8 @@ SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 # Everything but weights that from_pretrained and the runtime may read.
 SIDE_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
+# A diffusers pipeline directory is described by this file instead of config.json.
+PIPELINE_INDEX = "model_index.json"
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,8 @@ class Source:
     """A model source resolved to a local folder."""
 
     model: str  # what the user passed to --model
-    path: Path  # local folder holding config.json and the weights
-    config: dict[str, Any]  # parsed config.json
+    path: Path  # local folder holding config.json (or a pipeline's model_index.json) and the weights
+    config: dict[str, Any]  # parsed config.json, or model_index.json for a diffusers pipeline
     weight_files: tuple[str, ...]  # weight files relative to path, sorted
     uses_pickle: bool  # True when the weights are pickle checkpoints (only with allow_pickle)
 
@@ -48,12 +50,22 @@ class Source:
         return digest.hexdigest()
 
 
+def _weight_patterns(side_files: Path, allow_pickle: bool) -> list[str]:
+    patterns = [*SAFE_WEIGHTS, *(PICKLE_WEIGHTS if allow_pickle else ())]
+    if not (side_files / PIPELINE_INDEX).is_file():
+        return patterns
+    # Pipeline repos also ship a multi-GB single-file checkpoint at the top and fp16 duplicates in
+    # every component folder; the components' full-precision weights are all an export reads.
+    return [f"*/{pattern}" for pattern in patterns]
+
+
 def _fetch_from_hub(model: str, allow_pickle: bool) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = [*SIDE_FILES, *SAFE_WEIGHTS, *(PICKLE_WEIGHTS if allow_pickle else ())]
-        return Path(snapshot_download(model, allow_patterns=patterns))
+        side_files = Path(snapshot_download(model, allow_patterns=list(SIDE_FILES)))
+        patterns = [*SIDE_FILES, *_weight_patterns(side_files, allow_pickle)]
+        return Path(snapshot_download(model, allow_patterns=patterns, ignore_patterns=["*.fp16.*"]))
     except Exception as exc:
         raise SourceModelError(
             f"could not fetch {model!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
@@ -87,9 +99,11 @@ def resolve_source(model: str, allow_pickle: bool = False) -> Source:
     path = _local_path(model, allow_pickle)
     config_path = path / "config.json"
     if not config_path.is_file():
+        config_path = path / PIPELINE_INDEX
+    if not config_path.is_file():
         raise SourceModelError(
-            f"{path} has no config.json. Pass a directory written by save_pretrained (for a pipeline, "
-            "the folder of its model component)."
+            f"{path} has neither config.json nor {PIPELINE_INDEX}. Pass a directory written by "
+            "save_pretrained: a transformers model's folder, or a whole diffusers pipeline's folder."
         )
     config = json.loads(config_path.read_text())
     safe = _weight_files(path, SAFE_WEIGHTS)
@@ -109,9 +123,13 @@ def resolve_source(model: str, allow_pickle: bool = False) -> Source:
 
 
 def refuse_bitsandbytes(source: Source) -> None:
-    """A bitsandbytes checkpoint holds packed int8/4-bit weights the ONNX exporters cannot trace."""
-    quantization = source.config.get("quantization_config") or {}
-    if quantization.get("quant_method") == "bitsandbytes":
+    """A bitsandbytes checkpoint (a model, or a pipeline's component) holds packed int8/4-bit weights the
+    ONNX exporters cannot trace."""
+    configs = [source.config]
+    if (source.path / PIPELINE_INDEX).is_file():
+        configs += [json.loads(path.read_text()) for path in sorted(source.path.glob("*/config.json"))]
+    methods = {(config.get("quantization_config") or {}).get("quant_method") for config in configs}
+    if "bitsandbytes" in methods:
         raise SourceModelError(
             f"{source.path} is quantized with bitsandbytes; ONNX export needs float weights. Dequantize "
             "first: load it with from_pretrained, call model.dequantize(), then model.save_pretrained(DIR) "

@@ -1,12 +1,14 @@
 """The ``kiln`` command line: export, run, validate and inspect artifacts.
 
     kiln demo                                   # export the shipped captioner, caption, validate
-    kiln export --model SRC --out DIR [--family F] [--opset N]
+    kiln export --model SRC --out DIR [--family F] [--opset N] [--lora PATH[:SCALE]]...
     kiln caption DIR IMAGE... [--num-beams N] [--max-new-tokens N] [--json]
+    kiln generate DIR "a prompt" [--steps N] [--seed S] [--height H] [--width W] --out image.png
     kiln validate DIR --model SRC [--json]
     kiln inspect DIR
     kiln verify DIR
-    kiln bench --preset tiny|full | --model SRC [--variant DIR]... [--schemes S,S] --out DIR
+    kiln bench --preset tiny|full | --model SRC [--variant DIR]... [--schemes S,S] [--peers optimum] --out DIR
+    kiln build RECIPE.toml [--out DIR]          # export, validate, quantize, bench; exit 1 on a failed gate
 
 Bad input ends with one ``error:`` line naming the fix and exit code 2; a failed check exits 1. Each
 command's last line suggests the natural next command.
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from modelkiln import __version__
 from modelkiln.errors import KilnError, ValidationFailedError
@@ -50,6 +53,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
         external_data=True if args.external_data else None,
+        lora=tuple(args.lora),
+        max_sequence_length=args.max_sequence_length,
+        without=tuple(args.without),
     )
     with _status(f"exporting {args.model}") as update:
         manifest = export_model(args.model, args.out, config, log=update)
@@ -106,11 +112,65 @@ def _print_validation(report: dict) -> None:
             )
 
 
+def _validate_diffusion(args: argparse.Namespace) -> dict:
+    from modelkiln.validate_diffusion import DiffusionValidateConfig, validate_diffusion
+
+    options = {
+        "prompts": tuple(args.prompt) or None,
+        "steps": args.steps,
+        "height": args.height,
+        "width": args.width,
+        "min_psnr": args.min_psnr,
+        "atol": args.atol,
+    }
+    config = DiffusionValidateConfig(
+        **{key: value for key, value in options.items() if value is not None},
+        allow_pickle=args.allow_pickle,
+        backend=args.backend,
+    )
+    with _status(f"validating {args.artifact} against {args.model}"):
+        return validate_diffusion(args.artifact, args.model, config)
+
+
+def _print_image_validation(report: dict) -> None:
+    for name, row in report["components"].items():
+        mark = "ok" if row["passed"] else "FAIL"
+        console.print(f"  {mark:4} {name}: max abs diff {row['max_abs_diff']:.2e} (limit {row['limit']:.2e})")
+    limit = report["settings"]["min_psnr"]
+    for prompt, row in report["images"].items():
+        mark = "ok" if row["passed"] else "FAIL"
+        console.print(
+            f"  {mark:4} image {prompt!r}: PSNR {row['psnr']:.1f} dB (min {limit}), SSIM {row['ssim']:.4f}, "
+            f"max pixel diff {row['max_pixel_diff']:.2f}/255"
+        )
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from modelkiln.manifest import read_manifest
+
+    if read_manifest(args.artifact).task == "text-to-image":
+        report = _validate_diffusion(args)
+        printer, next_command = _print_image_validation, f'kiln generate {args.artifact} "a prompt"'
+    else:
+        report = _validate_captioner(args)
+        printer, next_command = _print_validation, f"kiln caption {args.artifact} IMAGE"
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    printer(report)
+    if not report["passed"]:
+        raise ValidationFailedError(f"{args.artifact} does not match {args.model}; see the FAIL lines above.")
+    console.print(f"validation passed; recorded in {args.artifact}/manifest.json")
+    _next(next_command)
+    return 0
+
+
+def _validate_captioner(args: argparse.Namespace) -> dict:
     from modelkiln.validate import ValidateConfig, validate_artifact
 
     config = ValidateConfig(
-        atol=args.atol,
+        **({} if args.atol is None else {"atol": args.atol}),
         prompts=(None, *args.prompt),
         images=args.images,
         num_images=args.num_images,
@@ -118,17 +178,49 @@ def cmd_validate(args: argparse.Namespace) -> int:
         backend=args.backend,
     )
     with _status(f"validating {args.artifact} against {args.model}"):
-        report = validate_artifact(args.artifact, args.model, config)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    _print_validation(report)
-    if not report["passed"]:
-        raise ValidationFailedError(f"{args.artifact} does not match {args.model}; see the FAIL lines above.")
-    console.print(f"validation passed; recorded in {args.artifact}/manifest.json")
-    _next(f"kiln caption {args.artifact} IMAGE")
+        return validate_artifact(args.artifact, args.model, config)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from modelkiln import runtime
+
+    pipe = runtime.load(args.artifact, backend=args.backend, threads=args.threads)
+    if getattr(pipe, "task", None) != "text-to-image":
+        raise KilnError(
+            f"{args.artifact} is a {pipe.task} artifact; `kiln generate` runs text-to-image ones."
+        )
+    options = {
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "seed": args.seed,
+        "num_images_per_prompt": args.num_images,
+    }
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("denoising", total=None)
+        result = pipe(
+            args.prompt,
+            **{key: value for key, value in options.items() if value is not None},
+            callback=lambda step, total: progress.update(task, completed=step, total=total),
+        )
+    paths = _image_paths(Path(args.out), len(result.images))
+    for image, path in zip(result.images, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        console.print(f"wrote {path} ({image.width}x{image.height})")
+    _next(f"kiln validate {args.artifact} --model SOURCE")
     return 0
+
+
+def _image_paths(out: Path, count: int) -> list[Path]:
+    """``out`` for one image; ``stem-0.png``, ``stem-1.png`` ... for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -189,15 +281,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude),
         options=_scheme_options(args.option),
         min_agreement=args.min_agreement,
+        min_psnr=args.min_psnr,
         num_images=args.num_images,
+        num_prompts=args.num_prompts,
+        quality_steps=args.quality_steps,
+        image_size=args.image_size,
         calibration_images=args.calibration_images,
         num_calibration=args.num_calibration,
+        calibration_prompts=args.calibration_prompts,
+        calibration_steps=args.calibration_steps,
         overwrite=args.overwrite,
     )
     with _status(f"quantizing {args.artifact} with {args.scheme}") as update:
         manifest = quantize_artifact(args.artifact, args.out, config, log=update)
-    parent_size = sum(p.stat().st_size for p in Path(args.artifact).iterdir() if p.is_file())
-    size = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file())
+    parent_size = sum(p.stat().st_size for p in Path(args.artifact).rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
     console.print(
         f"{args.scheme}: {size / 1e6:.2f} MB ({size / parent_size:.0%} of the parent's {parent_size / 1e6:.2f} MB)"
     )
@@ -210,12 +308,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quality = manifest.quantization["quality"]
     figures = ", ".join(f"{k} {v}" for k, v in quality.items() if isinstance(v, (int, float)))
     console.print(f"  quality vs parent: {figures}")
-    _next(f"kiln caption {args.out} IMAGE")
+    if manifest.task == "text-to-image":
+        _next(f'kiln generate {args.out} "a prompt"')
+    else:
+        _next(f"kiln caption {args.out} IMAGE")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from modelkiln.benchmarks.diffusion_tasks import dispatch
     from modelkiln.benchmarks.harness import BenchConfig, run_bench
+
+    # Benchmarks other than the captioner's (text-to-image: --family sd3, or a pipeline --model).
+    if (code := dispatch(args, console)) is not None:
+        return code
 
     config = BenchConfig(
         out=Path(args.out),
@@ -231,9 +337,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         measure_rss=not args.no_rss,
         command=" ".join(["kiln", *sys.argv[1:]]) if args.argv is None else " ".join(["kiln", *args.argv]),
+        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()) if args.peers else (),
+        peers_dir=Path(args.peers_dir) if args.peers_dir else None,
     )
     # Plain lines, not a spinner: the harness shows its own progress bar while it times.
-    report = run_bench(config, log=lambda message: console.print(f"  {message}"))
+    # markup=False: logged pip commands hold brackets (optimum-onnx[onnxruntime]) that rich would eat.
+    report = run_bench(config, log=lambda message: console.print(f"  {message}", markup=False))
     eager = report["variants"][0]["latency"]["p50_s"]
     for row in report["variants"]:
         p50 = row["latency"]["p50_s"]
@@ -248,6 +357,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from modelkiln.demo import run_demo
 
     return run_demo(Path(args.out), num_images=args.num_images, console=console)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from modelkiln.build import default_out, load_recipe, run_build
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else default_out(recipe)
+    # Plain lines, not a spinner: a CI log should show every step and whether it was cached.
+    summary = run_build(recipe, out, log=lambda message: console.print(f"  {message}"))
+    for row in summary["artifacts"]:
+        size = "-" if row["size_bytes"] is None else f"{row['size_bytes'] / 1e6:.2f} MB"
+        console.print(f"  {'ok' if row['passed'] else 'FAIL':4} {row['name']:16} {size}")
+    if not summary["passed"]:
+        raise ValidationFailedError(
+            f"build of {recipe.path.name} failed: {'; '.join(summary['failures'])}. See {out / 'summary.md'}."
+        )
+    console.print(f"built {len(summary['artifacts'])} artifacts into {out / 'artifacts'}")
+    _next(f"less {out / 'summary.md'}")
+    return 0
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -283,6 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
     export.add_argument("--external-data", action="store_true", help="keep weights beside each graph")
+    export.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="diffusion: fuse this LoRA (diffusers/PEFT format) before export (repeatable)",
+    )
+    export.add_argument("--max-sequence-length", type=int, help="diffusion: T5 prompt length in tokens")
+    export.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="COMPONENT",
+        help="diffusion: leave out an optional component (SD3: text_encoder_3, i.e. T5) (repeatable)",
+    )
     export.set_defaults(run=cmd_export)
 
     caption = commands.add_parser("caption", help="caption images with an artifact")
@@ -294,15 +437,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(caption)
     caption.set_defaults(run=cmd_caption)
 
+    generate = commands.add_parser("generate", help="make images from a prompt with a text-to-image artifact")
+    generate.add_argument("artifact")
+    generate.add_argument("prompt", help="what to draw")
+    generate.add_argument(
+        "--out", default="image.png", help="image file (several: stem-0.png, stem-1.png, ...)"
+    )
+    generate.add_argument("--negative-prompt", help="what to steer away from (guided families)")
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
+    generate.add_argument("--guidance-scale", type=float, help="guidance weight (default: the family's)")
+    generate.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    generate.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    generate.add_argument("--seed", type=int, help="noise seed; the same seed gives diffusers' image")
+    generate.add_argument("--num-images", type=int, help="images for the prompt (default 1)")
+    _add_runtime_flags(generate)
+    generate.set_defaults(run=cmd_generate)
+
     validate = commands.add_parser("validate", help="compare an artifact with its PyTorch source")
     validate.add_argument("artifact")
     validate.add_argument("--model", required=True, help="the source the artifact was exported from")
     validate.add_argument("--images", help="folder of validation images (default: drawn fixture images)")
     validate.add_argument("--num-images", type=int, default=8, help="drawn images when --images is not given")
     validate.add_argument(
-        "--prompt", action="append", default=[], help="also compare captions with this prompt (repeatable)"
+        "--prompt",
+        action="append",
+        default=[],
+        help="captioners: also compare captions with this prompt; diffusion: the prompts to render (repeatable)",
     )
-    validate.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance per component")
+    validate.add_argument(
+        "--atol", type=float, help="absolute tolerance per component (default 1e-4, diffusion 1e-3)"
+    )
+    validate.add_argument("--steps", type=int, help="diffusion: denoising steps per image (default 4)")
+    validate.add_argument("--height", type=int, help="diffusion: image height (default: the model's)")
+    validate.add_argument("--width", type=int, help="diffusion: image width (default: the model's)")
+    validate.add_argument(
+        "--min-psnr", type=float, help="diffusion: fail below this PSNR vs diffusers (default 40 dB)"
+    )
     validate.add_argument("--report", help="also write the JSON report to this file")
     validate.add_argument("--json", action="store_true", help="print the JSON report")
     validate.add_argument(
@@ -333,6 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--num-images", type=int, default=16, help="held-out images for the quality figures"
     )
+    quantize.add_argument(
+        "--min-psnr", type=float, help="diffusion: fail when an image's PSNR vs the parent is below this (dB)"
+    )
+    quantize.add_argument(
+        "--num-prompts", type=int, default=4, help="diffusion: held-out prompts for quality"
+    )
+    quantize.add_argument(
+        "--quality-steps", type=int, default=4, help="diffusion: denoising steps per quality image"
+    )
+    quantize.add_argument(
+        "--image-size", type=int, help="diffusion: quality image side (default: the model's)"
+    )
+    quantize.add_argument(
+        "--calibration-prompts", help="diffusion: text file of calibration prompts, one a line (int8-static)"
+    )
+    quantize.add_argument(
+        "--calibration-steps", type=int, default=8, help="diffusion: denoising steps per calibration prompt"
+    )
     quantize.add_argument("--calibration-images", help="folder of calibration images for int8-static")
     quantize.add_argument("--num-calibration", type=int, default=8, help="calibration images for int8-static")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -352,7 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="latency, memory, size and quality of variants vs PyTorch")
     source = bench.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="source model: hub id or local directory (the eager baseline)")
-    source.add_argument("--preset", choices=["tiny", "full"], help="random-weight ViT-GPT2 built locally")
+    source.add_argument(
+        "--preset",
+        choices=["tiny", "full"],
+        help="random-weight source built locally: ViT-GPT2, or see --family",
+    )
+    bench.add_argument(
+        "--family",
+        help="sd3: bench text-to-image (SD3.5-Medium-width presets); default: detected from --model",
+    )
+    bench.add_argument(
+        "--steps", type=int, help="text-to-image: denoising steps per image (default: the preset's)"
+    )
+    bench.add_argument("--size", type=int, help="text-to-image: image side in pixels (default: the preset's)")
     bench.add_argument(
         "--variant", action="append", default=[], help="artifact directory to compare (repeatable)"
     )
@@ -367,7 +567,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, default=4, help="drawn images per pass")
     bench.add_argument("--max-new-tokens", type=int, default=16, help="tokens every variant decodes")
     bench.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
+    bench.add_argument(
+        "--peers", help="comma-separated toolchains to time too (optimum): each gets its own virtualenv, once"
+    )
+    bench.add_argument("--peers-dir", help="folder for peer virtualenvs (default ~/.cache/modelkiln/peers)")
     bench.set_defaults(run=cmd_bench)
+
+    build = commands.add_parser("build", help="build every artifact a recipe (TOML) declares, with gates")
+    build.add_argument("recipe", help="recipe .toml file, or a shipped recipe name (shapes-captioner)")
+    build.add_argument("--out", help="build folder (default build/<recipe name>); unchanged steps are cached")
+    build.set_defaults(run=cmd_build)
 
     demo = commands.add_parser("demo", help="export, run and validate the shipped shapes captioner")
     demo.add_argument("--out", default="kiln-demo", help="folder for the artifact and the drawn images")
@@ -391,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except KilnError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        # Escaped: messages quote user text and TOML sections like [export], which rich reads as markup.
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("interrupted; no partial artifact was left behind")

@@ -40,3 +40,7 @@ class ValidationFailedError(KilnError):
     """An artifact's outputs differ from PyTorch beyond tolerance."""
 
     exit_code = 1
+
+
+class NonFiniteOutputError(KilnError):
+    """A graph produced NaN or Inf: returning its image would hand the user a black or noise image."""

@@ -51,6 +51,7 @@ class SourceSpec:
     model: str  # hub id or local path as the user gave it
     weights_sha256: str  # sha256 over the weight files (name and content, sorted by name)
     weight_files: list[str]  # the weight files that hash covers
+    lora: list[dict[str, Any]] = field(default_factory=list)  # LoRAs fused before export: path, scale, sha256
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Manifest:
     runtime: dict[str, Any]  # family settings the runtime needs (layer counts, token ids)
     files: dict[str, str] = field(default_factory=dict)  # every file but the manifest -> sha256
     tools: dict[str, str] = field(default_factory=dict)  # library versions that made the artifact
-    parent: dict[str, Any] | None = None  # artifact this one was derived from (quantization), with its hash
+    parent: dict[str, Any] | None = None  # artifact it was derived from: path relative to this one, hash
     quantization: dict[str, Any] | None = None  # scheme and recipe that made it, if any
     validation: dict[str, Any] | None = None  # latest `kiln validate` results, if any
     kind: str = "onnx"  # "onnx": graphs run by onnxruntime; "torch": a save_pretrained model (bitsandbytes)

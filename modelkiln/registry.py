@@ -47,6 +47,11 @@ def _is_blip_2(config: dict[str, Any]) -> bool:
     )
 
 
+def _is_pipeline(class_name: str) -> Callable[[dict[str, Any]], bool]:
+    """Detector for a diffusers pipeline directory, whose model_index.json names the pipeline class."""
+    return lambda config: config.get("_class_name") == class_name
+
+
 @dataclass(frozen=True)
 class Family:
     """One exportable model family."""
@@ -90,6 +95,30 @@ FAMILIES: dict[str, Family] = {
         matches=_is_blip_2,
         exporter="modelkiln.exporters.blip_2",
         pipeline="modelkiln.runtime.blip_2:Blip2CaptioningPipeline",
+    ),
+    "sd3": Family(
+        name="sd3",
+        description="StableDiffusion3Pipeline (SD3, SD3.5 large/medium/turbo): CLIP-L, CLIP-G, T5, MMDiT, VAE",
+        task="text-to-image",
+        matches=_is_pipeline("StableDiffusion3Pipeline"),
+        exporter="modelkiln.exporters.sd3",
+        pipeline="modelkiln.runtime.sd3:SD3Pipeline",
+    ),
+    "flux": Family(
+        name="flux",
+        description="FluxPipeline (FLUX.1-dev with guidance embedding, FLUX.1-schnell): CLIP-L, T5, DiT, VAE",
+        task="text-to-image",
+        matches=_is_pipeline("FluxPipeline"),
+        exporter="modelkiln.exporters.flux",
+        pipeline="modelkiln.runtime.flux:FluxPipeline",
+    ),
+    "stable-diffusion": Family(
+        name="stable-diffusion",
+        description="StableDiffusionPipeline (SD 1.x, DreamBooth fine-tunes, LoRA fused): CLIP, UNet, VAE",
+        task="text-to-image",
+        matches=_is_pipeline("StableDiffusionPipeline"),
+        exporter="modelkiln.exporters.stable_diffusion",
+        pipeline="modelkiln.runtime.stable_diffusion:StableDiffusionPipeline",
     ),
 }
 

@@ -109,6 +109,8 @@ class OrtCachedDecoder:
 class CaptioningPipeline:
     """``pipe(images, **generation_options)`` -> captions, like transformers' image-to-text pipeline."""
 
+    task = "image-to-text"
+
     def __init__(self, directory: Path, manifest: Manifest, options: RuntimeOptions):
         self.directory = directory
         self.manifest = manifest

@@ -43,3 +43,26 @@ def wide_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("wide-art") / "artifact"
     export_model(source, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion(tmp_path_factory):
+    """``tiny_diffusion(name, **export_options) -> (source dir, artifact dir)``: each tiny pipeline of
+    modelkiln.fixtures.tiny_diffusion saved and exported once per session (exports take tens of
+    seconds), shared by the exporter, runtime and quantizer tests."""
+    from modelkiln.fixtures.tiny_diffusion import build_pipeline
+
+    sources, artifacts = {}, {}
+
+    def get(name: str, **options):
+        if name not in sources:
+            sources[name] = tmp_path_factory.mktemp(f"{name}-src")
+            build_pipeline(name).save_pretrained(sources[name])
+        key = (name, tuple(sorted(options.items())))
+        if key not in artifacts:
+            out = tmp_path_factory.mktemp(f"{name}-art") / "artifact"
+            export_model(sources[name], out, ExportConfig(**options))
+            artifacts[key] = out
+        return sources[name], artifacts[key]
+
+    return get

@@ -18,19 +18,31 @@ def test_every_family_has_an_exporter_test(name):
     assert test_file.is_file(), f"family {name} is registered but {test_file} does not exist"
 
 
+# What every exporter module provides, and what each task's validator needs on top.
+EXPORTER_API = ("load_model", "build_components", "runtime_config", "save_runtime_files")
+TASK_API = {"image-to-text": ("validation_cases", "torch_captions"), "text-to-image": ()}
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_family_loads(name):
     family = FAMILIES[name]
     exporter = family.load_exporter()
-    for function in (
-        "load_model",
-        "build_components",
-        "runtime_config",
-        "save_runtime_files",
-        "validation_cases",
-    ):
+    for function in (*EXPORTER_API, *TASK_API[family.task]):
         assert callable(getattr(exporter, function)), f"{family.exporter} lacks {function}"
+    assert isinstance(exporter.QUANTIZE_RECIPES, dict)
     assert callable(family.load_pipeline_class())
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "family"),
+    [
+        ("StableDiffusion3Pipeline", "sd3"),
+        ("FluxPipeline", "flux"),
+        ("StableDiffusionPipeline", "stable-diffusion"),
+    ],
+)
+def test_detects_diffusion_pipelines_from_model_index(pipeline, family):
+    assert detect_family({"_class_name": pipeline, "_diffusers_version": "0.42.1"}).name == family
 
 
 def test_detects_vit_gpt2_from_config():

@@ -1,0 +1,174 @@
+"""FLUX.1 (``FluxPipeline``: FLUX.1-dev and FLUX.1-schnell) to ONNX, one graph per component.
+
+Graphs: ``text_encoder`` (CLIP-L, pooled output only), ``text_encoder_2`` (T5-XXL hidden states),
+``transformer`` (``FluxTransformer2DModel`` on packed 2x2 latent patches; FLUX.1-dev's graph also takes
+the distilled ``guidance`` value, schnell's has no such input) and ``vae_decoder``. Batch, image
+sequence (latent patches) and text sequence are dynamic, so one artifact serves any size that is a
+multiple of 16 px and any T5 length up to 512.
+
+Used by ``modelkiln.exporters.export.export_model``; see that module for the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelkiln.exporters.diffusion import (
+    Lora,
+    PipelineModels,
+    PipelineSpec,
+    clip_component,
+    save_pipeline_files,
+    t5_component,
+    vae_decoder_component,
+    vae_runtime_config,
+)
+from modelkiln.exporters.onnx_export import Component
+from modelkiln.exporters.source import Source
+
+PIPELINE = PipelineSpec(
+    pipeline_class="FluxPipeline",
+    denoiser="transformer",
+    lora_targets=("transformer", "text_encoder"),  # what diffusers' FluxLoraLoaderMixin loads into
+)
+EXPORT_OPTIONS = ("lora", "max_sequence_length")  # ExportConfig fields this family accepts
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # diffusers' default (and largest) T5 length for Flux
+
+
+def load_model(
+    source: Source,
+    trust_remote_code: bool = False,
+    lora: tuple[Lora, ...] = (),
+    max_sequence_length: int | None = None,
+) -> PipelineModels:
+    return PipelineModels(
+        source, PIPELINE, lora, max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+    )
+
+
+class FluxDenoiser(nn.Module):
+    """One FLUX.1-schnell transformer call: packed latents + text states + pooled text + timestep
+    (already divided by 1000, as the pipeline passes it) + rotary position ids -> predicted velocity."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids):
+        return self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            return_dict=False,
+        )[0]
+
+
+class FluxGuidedDenoiser(nn.Module):
+    """FLUX.1-dev's transformer call: as ``FluxDenoiser`` plus the guidance scale, which dev takes as an
+    embedding (guidance distillation) instead of running a second, unconditional pass."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
+    ):
+        return self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+
+
+def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
+    from diffusers import FluxPipeline
+
+    config = transformer.config
+    # A 4x6 grid of latent patches: unequal sides, so nothing ties the sequence to a square.
+    img_ids = FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32)  # [24, 3]
+    inputs = {
+        "hidden_states": torch.randn(2, 24, config.in_channels),
+        "encoder_hidden_states": torch.randn(2, text_length, config.joint_attention_dim),
+        "pooled_projections": torch.randn(2, config.pooled_projection_dim),
+        "timestep": torch.tensor([1.0, 0.5]),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(text_length, 3),
+    }
+    axes = {
+        "hidden_states": {0: "batch", 1: "image_sequence"},
+        "encoder_hidden_states": {0: "batch", 1: "text_sequence"},
+        "pooled_projections": {0: "batch"},
+        "timestep": {0: "batch"},
+        "img_ids": {0: "image_sequence"},
+        "txt_ids": {0: "text_sequence"},
+        "noise_pred": {0: "batch", 1: "image_sequence"},
+    }
+    wrapper = FluxDenoiser
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5, 3.5])
+        axes["guidance"] = {0: "batch"}
+        wrapper = FluxGuidedDenoiser
+    return Component("transformer", wrapper(transformer), inputs, ("noise_pred",), axes)
+
+
+def build_components(models: PipelineModels) -> Iterator[Component]:
+    """Each component in turn, loaded just before its export and released right after."""
+    length = models.options["max_sequence_length"]
+    yield clip_component("text_encoder", models.module("text_encoder"), "pooled")
+    models.release("text_encoder")
+    yield t5_component("text_encoder_2", models.module("text_encoder_2"), length)
+    models.release("text_encoder_2")
+    yield denoiser_component(models.module("transformer"), length)
+    models.release("transformer")
+    yield vae_decoder_component(models.module("vae"))
+    models.release("vae")
+
+
+def runtime_config(models: PipelineModels) -> dict[str, Any]:
+    """What the runtime needs beyond the graphs and the copied scheduler/tokenizer folders."""
+    transformer = models.config("transformer")
+    return {
+        "pipeline": PIPELINE.pipeline_class,
+        "max_sequence_length": models.options["max_sequence_length"],
+        "guidance_embeds": bool(transformer.get("guidance_embeds", False)),
+        "in_channels": transformer["in_channels"],
+        # diffusers' FluxPipeline hard-codes these defaults for dev and schnell alike.
+        "default_sample_size": 128,
+        "default_steps": 28,
+        "default_guidance_scale": 3.5,
+        **vae_runtime_config(models),
+    }
+
+
+def save_runtime_files(source: Source, models: PipelineModels, directory: Path) -> None:
+    save_pipeline_files(source, directory)
+
+
+# Kept fp32 inside a quantized transformer: the embedders of latents, text, timestep and guidance set
+# what every block reads, and the final norm and projection write the output directly.
+QUANTIZE_EXCLUDE: dict[str, tuple[str, ...]] = {
+    "transformer": ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "*proj_out*"),
+}
+
+# Default quantization recipe: the transformer is where the time goes; text encoders take weight-only
+# schemes; the VAE decoder stays fp32 (its convolutions are sensitive and a small share of the time).
+QUANTIZE_RECIPES: dict[str, tuple[str, ...]] = {
+    "int8-dynamic": ("transformer",),
+    "int8-static": ("transformer",),
+    "int4-weight": ("text_encoder", "text_encoder_2", "transformer"),
+    "fp16": ("text_encoder", "text_encoder_2", "transformer"),
+}

@@ -1,0 +1,145 @@
+"""Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``, MMDiT) to ONNX, one graph per component.
+
+Graphs: ``text_encoder`` and ``text_encoder_2`` (CLIP-L and CLIP-G with projection: pooled embedding
+and penultimate hidden states), ``text_encoder_3`` (T5-XXL, only if the pipeline has it: diffusers
+runs SD3 without it, on zeros), ``transformer`` (``SD3Transformer2DModel``, including SD3.5-Medium's
+dual-attention layers and qk-norm) and ``vae_decoder``. Batch, latent height/width and the text
+length are dynamic, so one artifact serves 512x512 and 768x1024 alike (within ``pos_embed_max_size``).
+
+Used by ``modelkiln.exporters.export.export_model``; see that module for the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelkiln.exporters.diffusion import (
+    CLIP_LENGTH,
+    Lora,
+    PipelineModels,
+    PipelineSpec,
+    clip_component,
+    save_pipeline_files,
+    t5_component,
+    vae_decoder_component,
+    vae_runtime_config,
+)
+from modelkiln.exporters.onnx_export import Component
+from modelkiln.exporters.source import Source
+
+PIPELINE = PipelineSpec(
+    pipeline_class="StableDiffusion3Pipeline",
+    denoiser="transformer",
+    lora_targets=("transformer", "text_encoder", "text_encoder_2"),
+    optional=("text_encoder_3", "tokenizer_3"),
+)
+EXPORT_OPTIONS = ("lora", "max_sequence_length", "without")  # ExportConfig fields this family accepts
+DEFAULT_MAX_SEQUENCE_LENGTH = 256  # diffusers' default T5 length for SD3
+
+
+def load_model(
+    source: Source,
+    trust_remote_code: bool = False,
+    lora: tuple[Lora, ...] = (),
+    max_sequence_length: int | None = None,
+    without: tuple[str, ...] = (),
+) -> PipelineModels:
+    length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+    return PipelineModels(source, PIPELINE, lora, without, max_sequence_length=length)
+
+
+class SD3Denoiser(nn.Module):
+    """One MMDiT call: noisy latents + text states + pooled text + timestep -> predicted velocity."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+
+def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
+    config = transformer.config
+    patch = config.patch_size
+    # Unequal, non-square example sides keep the exporter from tying height to width.
+    inputs = {
+        "hidden_states": torch.randn(2, config.in_channels, 4 * patch, 6 * patch),
+        "encoder_hidden_states": torch.randn(2, text_length, config.joint_attention_dim),
+        "pooled_projections": torch.randn(2, config.pooled_projection_dim),
+        "timestep": torch.tensor([1000.0, 500.0]),
+    }
+    axes = {
+        "hidden_states": {0: "batch", 2: "latent_height", 3: "latent_width"},
+        "encoder_hidden_states": {0: "batch", 1: "text_sequence"},
+        "pooled_projections": {0: "batch"},
+        "timestep": {0: "batch"},
+        "noise_pred": {0: "batch", 2: "latent_height", 3: "latent_width"},
+    }
+    return Component("transformer", SD3Denoiser(transformer), inputs, ("noise_pred",), axes)
+
+
+def build_components(models: PipelineModels) -> Iterator[Component]:
+    """Each component in turn, loaded just before its export and released right after."""
+    length = models.options["max_sequence_length"]
+    for name in ("text_encoder", "text_encoder_2"):
+        yield clip_component(name, models.module(name), "pooled+penultimate")
+        models.release(name)
+    if models.has("text_encoder_3"):
+        yield t5_component("text_encoder_3", models.module("text_encoder_3"), length)
+        models.release("text_encoder_3")
+    yield denoiser_component(models.module("transformer"), CLIP_LENGTH + length)
+    models.release("transformer")
+    yield vae_decoder_component(models.module("vae"))
+    models.release("vae")
+
+
+def runtime_config(models: PipelineModels) -> dict[str, Any]:
+    """What the runtime needs beyond the graphs and the copied scheduler/tokenizer folders."""
+    transformer = models.config("transformer")
+    return {
+        "pipeline": PIPELINE.pipeline_class,
+        "max_sequence_length": models.options["max_sequence_length"],
+        "has_t5": models.has("text_encoder_3"),
+        # Optional components left out; validation leaves them out of the diffusers reference too.
+        "without": list(models.without),
+        "joint_attention_dim": transformer["joint_attention_dim"],
+        "patch_size": transformer["patch_size"],
+        "pos_embed_max_size": transformer.get("pos_embed_max_size"),
+        "default_sample_size": transformer["sample_size"],
+        "default_steps": 28,
+        "default_guidance_scale": 7.0,
+        **vae_runtime_config(models),
+    }
+
+
+def save_runtime_files(source: Source, models: PipelineModels, directory: Path) -> None:
+    save_pipeline_files(source, directory, models.without)
+
+
+# Kept fp32 inside a quantized transformer: the timestep/text embedders and the context embedder set
+# the conditioning every block reads, and the final norm and projection write the output directly;
+# together they are under 3% of SD3.5-Medium's weights.
+QUANTIZE_EXCLUDE: dict[str, tuple[str, ...]] = {
+    "transformer": ("*time_text_embed*", "*context_embedder*", "*pos_embed*", "*norm_out*", "*proj_out*"),
+}
+
+# Default quantization recipe: the transformer is where the time goes; text encoders take weight-only
+# schemes; the VAE decoder stays fp32 (its convolutions are sensitive and a small share of the time).
+QUANTIZE_RECIPES: dict[str, tuple[str, ...]] = {
+    "int8-dynamic": ("transformer",),
+    "int8-static": ("transformer",),
+    "int4-weight": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"),
+    "fp16": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"),
+}

@@ -1,0 +1,140 @@
+"""Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``, UNet) to ONNX, one graph per component.
+
+Graphs: ``text_encoder`` (CLIP, last hidden states), ``unet`` (``UNet2DConditionModel``: noisy
+latents, timestep and text states -> predicted noise, or velocity for v-prediction models, which the
+shipped scheduler config says) and ``vae_decoder``. Batch, latent height/width and the text length
+are dynamic. A DreamBooth fine-tune is just another pipeline directory; ``--lora PATH[:SCALE]``
+(repeatable) fuses LoRAs into the UNet and text encoder before export.
+
+Used by ``modelkiln.exporters.export.export_model``::
+
+    export_model("my-dreambooth-sd15", "out/sd15", ExportConfig(lora=("style-lora:0.8",)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelkiln.errors import UnsupportedModelError
+from modelkiln.exporters.diffusion import (
+    CLIP_LENGTH,
+    Lora,
+    PipelineModels,
+    PipelineSpec,
+    clip_component,
+    save_pipeline_files,
+    vae_decoder_component,
+    vae_runtime_config,
+)
+from modelkiln.exporters.onnx_export import Component
+from modelkiln.exporters.source import Source
+
+PIPELINE = PipelineSpec(
+    pipeline_class="StableDiffusionPipeline", denoiser="unet", lora_targets=("unet", "text_encoder")
+)
+EXPORT_OPTIONS = ("lora",)  # ExportConfig fields this family accepts
+
+
+def load_model(
+    source: Source, trust_remote_code: bool = False, lora: tuple[Lora, ...] = ()
+) -> PipelineModels:
+    models = PipelineModels(source, PIPELINE, lora)
+    _check_unet(models.config("unet"), source)
+    return models
+
+
+def _check_unet(config: dict[str, Any], source: Source) -> None:
+    """Refuse UNets that need inputs this graph does not take, rather than export them silently wrong."""
+    extras = {
+        "time_cond_proj_dim": "a guidance embedding (LCM-distilled UNet)",
+        "addition_embed_type": "added text/time embeddings (an SDXL-style UNet)",
+        "class_embed_type": "class labels (an upscaler UNet)",
+    }
+    for key, what in extras.items():
+        if config.get(key) is not None:
+            raise UnsupportedModelError(
+                f"{source.path}/unet sets {key}={config[key]!r}: it takes {what}, which the "
+                "stable-diffusion family's UNet graph does not feed. Export a plain SD 1.x/2.x text-to-image "
+                "pipeline (DreamBooth fine-tunes and LoRAs are fine)."
+            )
+
+
+class UNetDenoiser(nn.Module):
+    """One UNet call: noisy latents + timestep + text states -> the UNet's prediction."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def denoiser_component(unet: nn.Module) -> Component:
+    config = unet.config
+    # Latent sides must divide by the UNet's total upsampling, or diffusers takes a size-forwarding
+    # branch the trace would not hold; unequal sides keep the exporter from tying height to width.
+    multiple = 2**unet.num_upsamplers
+    inputs = {
+        "sample": torch.randn(2, config.in_channels, 3 * multiple, 5 * multiple),
+        "timestep": torch.tensor([981.0, 501.0]),
+        "encoder_hidden_states": torch.randn(2, CLIP_LENGTH, config.cross_attention_dim),
+    }
+    axes = {
+        "sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
+        "timestep": {0: "batch"},
+        "encoder_hidden_states": {0: "batch", 1: "text_sequence"},
+        "noise_pred": {0: "batch", 2: "latent_height", 3: "latent_width"},
+    }
+    return Component("unet", UNetDenoiser(unet), inputs, ("noise_pred",), axes)
+
+
+def build_components(models: PipelineModels) -> Iterator[Component]:
+    """Each component in turn, loaded just before its export and released right after."""
+    yield clip_component("text_encoder", models.module("text_encoder"), "hidden")
+    models.release("text_encoder")
+    yield denoiser_component(models.module("unet"))
+    models.release("unet")
+    yield vae_decoder_component(models.module("vae"))
+    models.release("vae")
+
+
+def runtime_config(models: PipelineModels) -> dict[str, Any]:
+    """What the runtime needs beyond the graphs and the copied scheduler/tokenizer folders.
+
+    Defaults are diffusers': 50 steps, guidance 7.5, sides of unet.sample_size latents. Epsilon or
+    v-prediction is the scheduler config's ``prediction_type``, applied by the scheduler itself.
+    """
+    unet = models.config("unet")
+    return {
+        "pipeline": PIPELINE.pipeline_class,
+        "default_sample_size": unet["sample_size"],
+        "default_steps": 50,
+        "default_guidance_scale": 7.5,
+        # One upsampler per UNet block but the last: latent sides must divide by their product.
+        "unet_size_multiple": 2 ** (len(unet["block_out_channels"]) - 1),
+        **vae_runtime_config(models),
+        "latent_channels": unet["in_channels"],  # diffusers draws unet.in_channels latent channels
+    }
+
+
+def save_runtime_files(source: Source, models: PipelineModels, directory: Path) -> None:
+    save_pipeline_files(source, directory)
+
+
+# Kept fp32 inside a quantized UNet: the timestep embedding MLP conditions every ResNet block.
+QUANTIZE_EXCLUDE: dict[str, tuple[str, ...]] = {"unet": ("*time_embedding*",)}
+
+# Default quantization recipe: the UNet is where the time goes; the text encoder takes weight-only
+# schemes; the VAE decoder stays fp32 (its convolutions are sensitive and a small share of the time).
+QUANTIZE_RECIPES: dict[str, tuple[str, ...]] = {
+    "int8-dynamic": ("unet",),
+    "int8-static": ("unet",),
+    "int4-weight": ("text_encoder",),
+    "fp16": ("text_encoder", "unet"),
+}

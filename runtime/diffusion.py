@@ -1,0 +1,273 @@
+"""Text-to-image on ONNX Runtime with diffusers' own schedulers: the loop the SD3, Flux and SD 1.x
+pipelines share.
+
+    pipe = modelkiln.runtime.load("out/sd35")
+    result = pipe("a red cat", num_inference_steps=28, guidance_scale=7.0, height=512, width=768, seed=0)
+    result.images[0].save("cat.png")
+
+The call takes diffusers' arguments. Family files (``sd3.py``, ``flux.py``, ``stable_diffusion.py``)
+say how prompts become conditioning, how latents are laid out and how one step calls the denoiser
+graph; this module owns the rest: sessions, tokenizers, the scheduler (the diffusers class named in
+the shipped scheduler config), seeds, the NaN/Inf check, VAE decoding and PIL output. Latents,
+randomness and scheduler arithmetic are torch's and diffusers', as in the diffusers pipeline, so the
+same seed (or the same ``latents``) reproduces the PyTorch pipeline's image.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modelkiln.errors import GenerationConfigError, NonFiniteOutputError
+from modelkiln.manifest import Manifest
+
+from .session import RuntimeOptions, create_session
+
+
+@dataclass
+class TextToImageOutput:
+    """What a text-to-image pipeline returns, shaped like diffusers' output."""
+
+    images: (
+        list[Image.Image] | np.ndarray
+    )  # PIL images, or [N, H, W, 3] floats in [0, 1] for output_type="np"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call's settings after defaults are applied and checked."""
+
+    prompts: list[str]  # one per prompt in the batch
+    negatives: list[str]  # negative prompt per prompt ("" when none was given)
+    steps: int  # denoising steps
+    guidance_scale: float  # classifier-free guidance weight (Flux-dev: the distilled guidance value)
+    height: int  # output pixels
+    width: int  # output pixels
+    images_per_prompt: int  # copies per prompt, each from its own noise
+    generator: torch.Generator | None  # source of the initial noise
+    latents: torch.Tensor | None  # initial latents given by the caller instead of noise
+    max_sequence_length: int  # T5 prompt length in tokens
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
+
+
+def load_scheduler(folder: Path):
+    """The diffusers scheduler class the shipped config names, configured from it."""
+    import diffusers
+
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    name = config.get("_class_name", "")
+    scheduler_class = getattr(diffusers.schedulers, name, None)
+    if scheduler_class is None:
+        raise GenerationConfigError(
+            f"{folder} names scheduler {name!r}, which this diffusers ({diffusers.__version__}) lacks. "
+            "Upgrade diffusers, or re-export with a pipeline whose scheduler it has."
+        )
+    return scheduler_class.from_config(config)
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """[N, H, W, 3] floats in [0, 1] -> PIL images, rounding as diffusers' image processor does."""
+    return [Image.fromarray((image * 255).round().astype("uint8")) for image in images]
+
+
+class TextToImagePipeline(abc.ABC):
+    """Base of the text-to-image runtimes; subclasses implement the family hooks below."""
+
+    task = "text-to-image"
+    size_multiple_key = "vae_scale_factor"  # runtime-config key(s) whose product the image sides divide by
+
+    def __init__(self, directory: Path, manifest: Manifest, options: RuntimeOptions):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.config = manifest.runtime
+        self.options = options
+        self.sessions = {
+            name: create_session(self.directory / spec.file, options)
+            for name, spec in manifest.components.items()
+        }
+        self.scheduler = load_scheduler(self.directory / "scheduler")
+        self._tokenizers: dict[str, Any] = {}
+        # Validation sets a dict here to capture the first feeds of every graph (realistic inputs).
+        self.recorder: dict[str, dict[str, np.ndarray]] | None = None
+
+    # -- the call ---------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+        output_type: str = "pil",
+        callback: Callable[[int, int], None] | None = None,
+    ) -> TextToImageOutput:
+        """Generate images; ``callback(step, total)`` is called after every denoising step."""
+        # 1. Resolve and check the settings.
+        request = self.request(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
+            generator, num_images_per_prompt, latents, max_sequence_length,
+        )  # fmt: skip
+        # 2. Encode the prompts (and negatives, when the family guides with them).
+        condition = self.encode(request)
+        # 3. Start from noise (or the given latents) and the scheduler's timesteps for this size.
+        state = self.initial_latents(request)
+        timesteps = self.timesteps(request, state)
+        # 4. Denoise.
+        for i, t in enumerate(timesteps):
+            state = self.step(request, condition, state, t)
+            if callback is not None:
+                callback(i + 1, len(timesteps))
+        # 5. Decode to pixels.
+        images = self.decode(request, state)
+        return TextToImageOutput(images if output_type == "np" else to_pil(images))
+
+    def request(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        length: int | None = None,
+    ) -> Request:
+        """The checked settings of a call, defaults filled in (validation uses it to draw latents)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = self._negatives(negative_prompt, len(prompts))
+        if seed is not None and generator is not None:
+            raise GenerationConfigError("pass seed or generator, not both.")
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        default_size = self.config["default_sample_size"] * self.config["vae_scale_factor"]
+        request = Request(
+            prompts=prompts,
+            negatives=negatives,
+            steps=steps or self.config["default_steps"],
+            guidance_scale=self.config["default_guidance_scale"] if guidance is None else guidance,
+            height=height or default_size,
+            width=width or default_size,
+            images_per_prompt=per_prompt,
+            generator=generator,
+            latents=latents,
+            max_sequence_length=length or self.config.get("max_sequence_length", 0),
+        )
+        self.check(request)
+        return request
+
+    def _negatives(self, negative_prompt, count: int) -> list[str]:
+        if negative_prompt is None:
+            return [""] * count
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != count:
+            raise GenerationConfigError(
+                f"negative_prompt has {len(negatives)} entries for {count} prompts; pass one per prompt."
+            )
+        return negatives
+
+    def check(self, request: Request) -> None:
+        """Sizes and counts the graphs can take; subclasses add their own limits."""
+        multiple = self.size_multiple()
+        for side, value in (("height", request.height), ("width", request.width)):
+            if value <= 0 or value % multiple:
+                lower = max(multiple, value // multiple * multiple)
+                raise GenerationConfigError(
+                    f"{side} {value} is not a positive multiple of {multiple}, which this model needs "
+                    f"(VAE downsampling times the denoiser's patch or upsampling factor). Use {lower} or {lower + multiple}."
+                )
+        if request.steps < 1 or request.images_per_prompt < 1 or not request.prompts:
+            raise GenerationConfigError(
+                "num_inference_steps, num_images_per_prompt and the prompts must be >= 1."
+            )
+
+    def size_multiple(self) -> int:
+        return self.config["vae_scale_factor"]
+
+    # -- helpers for the families -----------------------------------------------------------------
+
+    def tokenize(self, folder: str, texts: list[str], length: int) -> np.ndarray:
+        """Token ids padded and truncated to ``length``, as the diffusers pipelines tokenize."""
+        if folder not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[folder] = AutoTokenizer.from_pretrained(self.directory / folder)
+        tokens = self._tokenizers[folder](texts, padding="max_length", max_length=length, truncation=True)
+        return np.asarray(tokens["input_ids"], dtype=np.int64)
+
+    def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        """Run one graph and refuse NaN/Inf, which would otherwise surface as a black image."""
+        feeds = {key: np.ascontiguousarray(value) for key, value in feeds.items()}
+        if self.recorder is not None and name not in self.recorder:
+            self.recorder[name] = {key: value.copy() for key, value in feeds.items()}
+        outputs = self.sessions[name].run(None, feeds)
+        for spec, value in zip(self.sessions[name].get_outputs(), outputs, strict=True):
+            if not np.isfinite(value).all():
+                raise NonFiniteOutputError(
+                    f"graph {name!r} produced NaN/Inf in {spec.name!r} (precision "
+                    f"{self.manifest.components[name].precision}). The image would be black or noise. "
+                    "If this is an fp16 or quantized variant, keep this component in fp32 "
+                    "(kiln quantize --exclude / --components) or use the fp32 artifact."
+                )
+        return outputs
+
+    def randn(self, shape: tuple[int, ...], request: Request) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(shape, generator=request.generator, dtype=torch.float32)
+
+    def checked_latents(self, request: Request, shape: tuple[int, ...]) -> torch.Tensor:
+        if request.latents is None:
+            return self.randn(shape, request)
+        if tuple(request.latents.shape) != tuple(shape):
+            raise GenerationConfigError(
+                f"latents have shape {tuple(request.latents.shape)}; this request needs {tuple(shape)}."
+            )
+        return request.latents.to(torch.float32)
+
+    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Unscaled latents -> [N, H, W, 3] floats in [0, 1]."""
+        scaled = latents / self.config["scaling_factor"] + self.config["shift_factor"]
+        (images,) = self.run("vae_decoder", latents=scaled.numpy())
+        return np.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+
+    # -- family hooks -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def encode(self, request: Request) -> dict[str, np.ndarray]:
+        """Prompt conditioning the denoiser graph takes, for the whole (guided) batch."""
+
+    @abc.abstractmethod
+    def initial_latents(self, request: Request) -> torch.Tensor:
+        """Starting latents in the family's layout: noise from the request's generator, or its latents."""
+
+    @abc.abstractmethod
+    def timesteps(self, request: Request, latents: torch.Tensor) -> torch.Tensor:
+        """The scheduler's timesteps for this request (sets the scheduler up as the diffusers pipeline does)."""
+
+    @abc.abstractmethod
+    def step(self, request: Request, condition: dict, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One denoising step: the denoiser graph, guidance, then ``scheduler.step``."""
+
+    def decode(self, request: Request, latents: torch.Tensor) -> np.ndarray:
+        return self.vae_decode(latents)
