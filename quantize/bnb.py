@@ -1,13 +1,16 @@
-"""bitsandbytes variants: a PyTorch model quantized by transformers' ``BitsAndBytesConfig``, saved as a
-modelkiln artifact of kind ``torch`` that ``modelkiln.runtime.load`` runs with transformers ``generate``.
+"""bitsandbytes variants: a PyTorch model quantized by ``BitsAndBytesConfig`` as it loads, saved as a
+modelkiln artifact of kind ``torch`` that ``modelkiln.runtime.load`` runs with transformers ``generate``
+(captioners) or the diffusers pipeline (text-to-image, see ``quantize.bnb_diffusion``).
 
     from modelkiln.quantize.bnb import make_bnb_artifact
     manifest = make_bnb_artifact("out/vit-gpt2", "out/vit-gpt2-nf4", "bnb-nf4")   # from an ONNX artifact
     manifest = make_bnb_artifact("path/to/model", "out/vit-gpt2-nf4", "bnb-nf4")  # from the model itself
+    manifest = make_bnb_artifact("out/sd35", "out/sd35-int8", "bnb-int8")         # a diffusion artifact
 
 bitsandbytes quantizes at load time, so the source is always the original model: an ONNX artifact names
 it in ``manifest.source.model``. Quality is measured against the ONNX parent when there is one, else
-against the fp32 source run by transformers. Nothing here imports torch until a variant is made.
+against the fp32 source run by transformers or diffusers. Nothing here imports torch until a variant
+is made.
 """
 
 from __future__ import annotations
@@ -106,24 +109,30 @@ def bnb_config_dict(scheme: str, options: dict) -> dict[str, Any]:
     return get_scheme(scheme).apply(options)
 
 
+def torch_bnb_kwargs(scheme: str, options: dict) -> dict[str, Any]:
+    """The scheme's BitsAndBytesConfig arguments, the compute dtype as the torch dtype the configs take."""
+    import torch
+
+    settings = bnb_config_dict(scheme, options)
+    if "bnb_4bit_compute_dtype" in settings:
+        settings = {**settings, "bnb_4bit_compute_dtype": getattr(torch, settings["bnb_4bit_compute_dtype"])}
+    return settings
+
+
 def load_quantized(source, family: Family, scheme: str, options: dict, trust_remote_code: bool = False):
     """The source model loaded with the scheme's BitsAndBytesConfig on CPU, with the exporter's rules."""
-    import torch
     from transformers import BitsAndBytesConfig
 
     from modelkiln.exporters.source import load_pretrained
     from modelkiln.runtime.torch_captioning import model_class
 
     _require_bitsandbytes()
-    settings = bnb_config_dict(scheme, options)
-    if "bnb_4bit_compute_dtype" in settings:
-        settings = {**settings, "bnb_4bit_compute_dtype": getattr(torch, settings["bnb_4bit_compute_dtype"])}
     # The exporters' loading rule: fp32, safetensors only unless the source was resolved with allow_pickle.
     return load_pretrained(
         source,
         model_class(family.name),
         trust_remote_code,
-        quantization_config=BitsAndBytesConfig(**settings),
+        quantization_config=BitsAndBytesConfig(**torch_bnb_kwargs(scheme, options)),
     )
 
 
@@ -158,18 +167,20 @@ def _quantization(scheme: str, options: dict, model) -> dict[str, Any]:
     }
 
 
-def _parent_record(given: BnbSource) -> dict[str, Any] | None:
+def parent_record(given: BnbSource, out: str | os.PathLike) -> dict[str, Any] | None:
+    from .quantize import relative_parent
+
     if given.parent is None:
         return None
     return {
-        "path": str(given.parent_dir),
+        "path": relative_parent(given.parent_dir, out),
         "artifact_sha256": artifact_hash(given.parent),
         "precision": given.parent.precision,
         "kind": given.parent.kind,
     }
 
 
-def _describe(source, family: Family, given: BnbSource, scheme: str, options: dict, model) -> Manifest:
+def _describe(source, family: Family, given: BnbSource, scheme: str, options: dict, model, out) -> Manifest:
     from modelkiln.exporters.export import tool_versions
 
     from .schemes import get_scheme
@@ -182,14 +193,14 @@ def _describe(source, family: Family, given: BnbSource, scheme: str, options: di
         precision=get_scheme(scheme).precision,
         components={},  # the whole model is one save_pretrained checkpoint; see quantization["modules"]
         runtime=family.load_exporter().runtime_config(model),
-        tools={**tool_versions(), **_bnb_version()},
-        parent=_parent_record(given),
+        tools={**tool_versions(), **bnb_version()},
+        parent=parent_record(given, out),
         quantization=_quantization(scheme, options, model),
         kind="torch",
     )
 
 
-def _bnb_version() -> dict[str, str]:
+def bnb_version() -> dict[str, str]:
     from importlib import metadata
 
     return {"bitsandbytes": metadata.version("bitsandbytes")}
@@ -198,12 +209,11 @@ def _bnb_version() -> dict[str, str]:
 def _reference_pipeline(given: BnbSource, source, variant: Manifest):
     """What quality is measured against: the ONNX parent, else the fp32 source run by transformers."""
     from modelkiln import runtime
-    from modelkiln.runtime.torch_captioning import torch_pipeline_class
 
     if given.parent_dir is not None:
         return runtime.load(given.parent_dir)
     # The source folder holds the tokenizer and processor files the pipeline reads, as export requires.
-    return torch_pipeline_class(variant.family)(source.path, variant, runtime.RuntimeOptions())
+    return runtime.torch_pipeline_class(variant.family)(source.path, variant, runtime.RuntimeOptions())
 
 
 def make_bnb_artifact(
@@ -217,44 +227,63 @@ def make_bnb_artifact(
 ) -> Manifest:
     """Quantize the model behind ``source_model`` with a bnb scheme into the torch artifact ``out``.
 
-    ``config`` is a ``QuantizeConfig`` (options, gate, image count, overwrite); its scheme must match.
-    Raises ValidationFailedError, leaving nothing at ``out``, when the quality gate fails.
+    ``config`` is a ``QuantizeConfig`` (options, gate, image or prompt count, overwrite); its scheme must
+    match. Raises ValidationFailedError, leaving nothing at ``out``, when the quality gate fails.
     """
-    from modelkiln import runtime
     from modelkiln.exporters.source import resolve_source
 
-    from .quantize import QuantizeConfig, measure_quality, record_quality
+    from .quantize import QuantizeConfig
     from .schemes import get_scheme, resolve_options
 
     config = config or QuantizeConfig(scheme)
     # 1. Check the request, the source and its family before loading any weights.
-    _refuse_onnx_only(config)
+    if config.scheme != scheme:
+        raise KilnError(
+            f"scheme {scheme} was asked with a QuantizeConfig for {config.scheme}; pass one scheme."
+        )
     _require_bitsandbytes()
     options = resolve_options(get_scheme(scheme), config.options)
     given = resolve_bnb_source(source_model)
     source = resolve_source(given.model, allow_pickle=allow_pickle)
-    _check_not_quantized(source)
     _check_same_weights(source, given)
     family = get_family(given.parent.family) if given.parent else detect_family(source.config, given.model)
+    # 2. Quantize, save and measure: a diffusers pipeline, or a transformers captioner.
+    if family.task == "text-to-image":
+        from .bnb_diffusion import make_diffusion_variant
+
+        return make_diffusion_variant(given, source, family, out, options, config, log)
+    _refuse_onnx_only(config)
+    _check_not_quantized(source)
+    return _make_captioner_variant(given, source, family, out, options, config, trust_remote_code, log)
+
+
+def _make_captioner_variant(
+    given: BnbSource, source, family: Family, out, options: dict, config, trust_remote_code: bool, log
+) -> Manifest:
+    from modelkiln import runtime
+
+    from .quantize import measure_quality, record_quality
+
+    scheme = config.scheme
     with staged_artifact(out, overwrite=config.overwrite) as staging:
-        # 2. Quantize while loading, then save the model and the files the runtime reads.
+        # 1. Quantize while loading, then save the model and the files the runtime reads.
         log(f"loading {given.model} with {scheme}")
         model = load_quantized(source, family, scheme, options, trust_remote_code)
         model.save_pretrained(staging)
         family.load_exporter().save_runtime_files(source, model, staging)
-        variant = finish(staging, _describe(source, family, given, scheme, options, model))
+        variant = finish(staging, _describe(source, family, given, scheme, options, model, out))
         del model
-        # 3. Measure the saved variant (reloaded, as users will run it) against the reference.
+        # 2. Measure the saved variant (reloaded, as users will run it) against the reference.
         log("measuring quality against the parent")
         reference = _reference_pipeline(given, source, variant)
-        quality = measure_quality(reference, runtime.load(staging), variant, config.num_images)
+        quality = measure_quality(reference, runtime.load(staging), variant, config)
         return record_quality(staging, variant, quality, config)
 
 
 def _refuse_onnx_only(config) -> None:
-    # bitsandbytes replaces every nn.Linear; graph components and node patterns mean nothing here.
+    # bitsandbytes replaces every nn.Linear of a captioner; it has no components to pick.
     if config.components or config.exclude:
         raise KilnError(
-            f"scheme {config.scheme} quantizes the whole PyTorch model: --components and --exclude apply "
-            "to ONNX schemes only. Leave them out."
+            f"scheme {config.scheme} quantizes the whole PyTorch captioner: --components and --exclude apply "
+            "to ONNX schemes (and to bitsandbytes on diffusion pipelines) only. Leave them out."
         )

@@ -1,10 +1,13 @@
 """Calibration data for static quantization: the inputs each graph really sees, recorded from runs.
 
-The parent artifact captions the calibration images while every session's feeds are recorded, so the
-decoder is calibrated on real decoding steps (growing KV cache, real cross-attention states), not on
-one synthetic input. ::
+Captioners: the parent artifact captions the calibration images while every session's feeds are
+recorded, so the decoder is calibrated on real decoding steps (growing KV cache, real cross-attention
+states), not on one synthetic input. Diffusion: the parent runs whole multi-step generations over a
+prompt list, so the denoiser is calibrated across timesteps (early steps see near-pure noise, late
+steps nearly clean latents; one timestep would miss most of the activation range). ::
 
     feeds, record = record_calibration(parent_dir, images_folder=None, count=8)
+    feeds, record = record_calibration(parent_dir, None, 4, prompts_file="prompts.txt", steps=8)
     feeds["decoder"]   # list of {input name: array}
 """
 
@@ -16,8 +19,21 @@ from typing import Any
 
 import numpy as np
 
+from modelkiln.errors import KilnError
+
 CALIBRATION_SEEDS = 60_000  # drawn calibration images, away from training, quality and demo seeds
 MAX_FEEDS = 64  # per graph: enough for stable min/max ranges, few enough to keep calibration fast
+# Default diffusion calibration prompts: varied subjects, styles and compositions.
+CALIBRATION_PROMPTS = (
+    "a photo of a red fox in the snow",
+    "an oil painting of a harbour at sunset",
+    "a close-up of a bowl of ramen, studio lighting",
+    "a futuristic city skyline at night, neon lights",
+    "a watercolor sketch of mountains and a lake",
+    "a portrait of an old man with a beard, black and white",
+    "a cartoon robot holding a balloon",
+    "an aerial view of green fields and a river",
+)
 
 
 class _RecordingSession:
@@ -59,15 +75,8 @@ def _subsample(feeds: list[dict], limit: int) -> list[dict]:
     return [feeds[i] for i in keep]
 
 
-def record_calibration(
-    parent: Path, folder: str | None, count: int
-) -> tuple[dict[str, list[dict]], dict[str, Any]]:
-    """Per-graph recorded feeds, and a description of the calibration set for the manifest."""
-    from modelkiln import runtime
-    from modelkiln.runtime.images import load_images
-
-    pipe = runtime.load(parent)
-    images, description = _images(folder, count)
+def _record_sessions(pipe) -> dict[str, list[dict]]:
+    """Swap every session of ``pipe`` for a recording proxy; return the per-graph feed lists."""
     sinks: dict[str, list[dict]] = {name: [] for name in pipe.sessions}
     proxies = {name: _RecordingSession(s, sinks[name]) for name, s in pipe.sessions.items()}
     for attribute, value in list(vars(pipe).items()):  # the pipeline keeps sessions under other names too
@@ -75,13 +84,61 @@ def record_calibration(
             if value is session:
                 setattr(pipe, attribute, proxies[name])
     pipe.sessions = proxies
+    return sinks
+
+
+def _caption_run(pipe, folder: str | None, count: int, **_) -> dict[str, Any]:
+    from modelkiln.runtime.images import load_images
+
+    images, description = _images(folder, count)
     pipe(list(images), num_beams=1, do_sample=False)
     digest = hashlib.sha256(pipe.preprocess(load_images(images)).tobytes()).hexdigest()
-    feeds = {name: _subsample(recorded, MAX_FEEDS) for name, recorded in sinks.items()}
-    record = {
-        "description": description,
-        "images": len(images),
-        "pixels_sha256": digest,
-        "feeds": {name: len(recorded) for name, recorded in feeds.items()},
+    return {"description": description, "images": len(images), "pixels_sha256": digest}
+
+
+def calibration_prompts(prompts_file: str | None, count: int) -> tuple[list[str], str]:
+    if prompts_file is None:
+        return list(CALIBRATION_PROMPTS[:count]), f"{min(count, len(CALIBRATION_PROMPTS))} built-in prompts"
+    lines = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise KilnError(f"--calibration-prompts {prompts_file} has no prompts; write one prompt per line.")
+    return lines[:count], f"{min(count, len(lines))} prompts from {prompts_file}"
+
+
+def _diffusion_run(
+    pipe, folder: str | None, count: int, prompts_file=None, steps: int = 8, size: int | None = None, **_
+) -> dict:
+    prompts, description = calibration_prompts(prompts_file, count)
+    for i, prompt in enumerate(prompts):
+        seed = CALIBRATION_SEEDS + i
+        pipe(prompt, num_inference_steps=steps, height=size, width=size, seed=seed, output_type="np")
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    return {
+        "description": f"{description}, {steps} steps each at {size or 'the default'} px",
+        "prompts": len(prompts),
+        "prompts_sha256": digest,
     }
-    return feeds, record
+
+
+# Task -> how a calibration run drives the parent pipeline.
+CALIBRATION_RUNS = {"image-to-text": _caption_run, "text-to-image": _diffusion_run}
+
+
+def record_calibration(
+    parent: Path,
+    folder: str | None,
+    count: int,
+    prompts_file: str | None = None,
+    steps: int = 8,
+    size: int | None = None,
+) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """Per-graph recorded feeds, and a description of the calibration set for the manifest."""
+    from modelkiln import runtime
+
+    pipe = runtime.load(parent)
+    sinks = _record_sessions(pipe)
+    record = CALIBRATION_RUNS[pipe.task](
+        pipe, folder, count, prompts_file=prompts_file, steps=steps, size=size
+    )
+    feeds = {name: _subsample(recorded, MAX_FEEDS) for name, recorded in sinks.items()}
+    return feeds, {**record, "feeds": {name: len(recorded) for name, recorded in feeds.items()}}

@@ -2,9 +2,11 @@
 
 Captioners: exact caption match rate, token agreement, BLEU (sacrebleu) of the variant's captions
 against the parent's, empty captions; with ground-truth captions (the project's drawn fixture
-images), accuracy and BLEU against the truth for both. ::
+images), accuracy and BLEU against the truth for both. Diffusion: PSNR and SSIM of the variant's
+images against the parent's from identical latents, per prompt. ::
 
     report = caption_quality(parent_pipe, variant_pipe, images, truths)
+    report = image_quality(parent_pipe, variant_pipe, prompts, steps=4)
 """
 
 from __future__ import annotations
@@ -64,5 +66,52 @@ def caption_quality(
     return report
 
 
+def _render(pipe, prompt: str, latents, request):
+    """One image from given latents with the request's settings, or None when a graph gave NaN/Inf."""
+    from modelkiln.errors import NonFiniteOutputError
+
+    try:
+        return pipe(
+            prompt, latents=latents.clone(), num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+            height=request.height, width=request.width, output_type="np",
+        ).images[0]  # fmt: skip
+    except NonFiniteOutputError:
+        return None
+
+
+def image_quality(
+    parent, variant, prompts: list[str], steps: int, size: int | None, seed: int
+) -> dict[str, Any]:
+    """Both pipelines from the same latents per prompt: PSNR/SSIM of the variant against the parent."""
+    from modelkiln.validate_diffusion import image_metrics
+
+    rows, non_finite = [], 0
+    for i, prompt in enumerate(prompts):
+        request = parent.request(prompt, steps=steps, height=size, width=size, seed=seed + i)
+        latents = parent.initial_latents(request)
+        reference, image = (
+            _render(parent, prompt, latents, request),
+            _render(variant, prompt, latents, request),
+        )
+        if image is None:  # a black image is the failure to catch, not a number to average
+            non_finite += 1
+            continue
+        rows.append({"prompt": prompt, **image_metrics(image, reference)})
+    psnrs = [row["psnr"] for row in rows]
+    return {
+        "prompts": len(prompts),
+        "steps": steps,
+        "psnr_mean": sum(psnrs) / len(psnrs) if psnrs else 0.0,
+        "psnr_min": min(psnrs, default=0.0),
+        "ssim_mean": sum(row["ssim"] for row in rows) / len(rows) if rows else 0.0,
+        "max_pixel_diff": max((row["max_pixel_diff"] for row in rows), default=255.0),
+        "non_finite_images": non_finite,
+        "per_prompt": rows,
+    }
+
+
 # Task -> quality measure; every task the registry serves needs one.
-QUALITY: dict[str, Callable[..., dict[str, Any]]] = {"image-to-text": caption_quality}
+QUALITY: dict[str, Callable[..., dict[str, Any]]] = {
+    "image-to-text": caption_quality,
+    "text-to-image": image_quality,
+}

@@ -36,6 +36,15 @@ from .quality import QUALITY
 from .schemes import get_scheme, resolve_options
 
 QUALITY_SEEDS = 70_000  # drawn held-out images for quality, away from training, demo and validation seeds
+# Held-out diffusion prompts for quality, none of them among the calibration prompts.
+QUALITY_PROMPTS = (
+    "a red cat sitting on a blue sofa",
+    "a lighthouse on a cliff, stormy sea",
+    "a bowl of fruit on a wooden table, still life",
+    "a street in the rain at night, reflections",
+    "a child drawing of a house and a tree",
+    "a macro photo of a dragonfly on a leaf",
+)
 
 
 @dataclass(frozen=True)
@@ -47,9 +56,19 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = ()  # fnmatch patterns of node names or module paths kept in fp32
     options: dict[str, Any] = field(default_factory=dict)  # scheme options (block_size, symmetric, ...)
     min_agreement: float | None = None  # gate: fail below this caption exact-match rate vs the parent
-    num_images: int = 16  # held-out drawn images the quality is measured on
+    min_psnr: float | None = (
+        None  # gate (diffusion): fail when any prompt's image PSNR vs the parent is below
+    )
+    num_images: int = 16  # held-out drawn images the quality is measured on (captioners)
+    num_prompts: int = 4  # held-out prompts the quality is measured on (diffusion)
+    quality_steps: int = 4  # denoising steps per quality image (diffusion)
+    image_size: int | None = (
+        None  # side of the quality and calibration images (diffusion); None: model default
+    )
     calibration_images: str | None = None  # folder of calibration images; None draws fixture images
-    num_calibration: int = 8  # calibration images for static schemes
+    num_calibration: int = 8  # calibration images (captioners) or prompts (diffusion) for static schemes
+    calibration_prompts: str | None = None  # text file, one prompt per line; None: built-in prompts
+    calibration_steps: int = 8  # denoising steps per calibration prompt: activations across timesteps
     overwrite: bool = False  # replace an existing output directory
 
 
@@ -64,13 +83,19 @@ def _components(manifest: Manifest, config: QuantizeConfig) -> tuple[str, ...]:
     return tuple(chosen)
 
 
+def recipe_exclude(manifest: Manifest, name: str) -> tuple[str, ...]:
+    """The family recipe's patterns kept in fp32 for this component (e.g. a denoiser's embedders)."""
+    exporter = get_family(manifest.family).load_exporter()
+    return tuple(getattr(exporter, "QUANTIZE_EXCLUDE", {}).get(name, ()))
+
+
 def _quantize_graph(
     parent: Path, staging: Path, name: str, manifest: Manifest, config, options, feeds
 ) -> dict:
     spec = manifest.components[name]
     model = onnx.load(str(parent / spec.file))
     prep = prepare_weight_matmuls(model)
-    excluded = excluded_nodes(model, config.exclude)
+    excluded = excluded_nodes(model, (*recipe_exclude(manifest, name), *config.exclude))
     scheme = get_scheme(config.scheme)
     extra = {"calibration": feeds[name]} if scheme.calibrated else {}
     stats = scheme.apply(
@@ -97,19 +122,23 @@ def _copy_untouched(parent: Path, staging: Path, manifest: Manifest, quantized: 
 def _measure(parent: Path, staging: Path, manifest: Manifest, config: QuantizeConfig) -> dict:
     from modelkiln import runtime
 
-    return measure_quality(runtime.load(parent), runtime.load(staging), manifest, config.num_images)
+    return measure_quality(runtime.load(parent), runtime.load(staging), manifest, config)
 
 
-def measure_quality(parent_pipe, variant_pipe, manifest: Manifest, num_images: int) -> dict:
-    """The task's quality figures of two loaded pipelines on ``num_images`` held-out drawn images."""
+def measure_quality(parent_pipe, variant_pipe, manifest: Manifest, config: QuantizeConfig) -> dict:
+    """The task's quality figures of two loaded pipelines on held-out inputs."""
+    if manifest.task == "text-to-image":
+        prompts = list(QUALITY_PROMPTS[: config.num_prompts])
+        return QUALITY[manifest.task](
+            parent_pipe, variant_pipe, prompts, config.quality_steps, config.image_size, QUALITY_SEEDS
+        )
     from modelkiln.fixtures import shapes
 
-    drawn = [shapes.draw(QUALITY_SEEDS + i) for i in range(num_images)]
+    drawn = [shapes.draw(QUALITY_SEEDS + i) for i in range(config.num_images)]
     images = [image for image, _ in drawn]
     # The drawn captions are the truth only for the captioner trained on them.
     truths = [truth for _, truth in drawn] if _is_fixture(manifest.source.model) else None
-    measure = QUALITY[manifest.task]
-    return measure(parent_pipe, variant_pipe, images, truths)
+    return QUALITY[manifest.task](parent_pipe, variant_pipe, images, truths)
 
 
 def _is_fixture(model: str) -> bool:
@@ -118,12 +147,22 @@ def _is_fixture(model: str) -> bool:
     return Path(model).absolute().resolve() == CAPTIONER_DIR.resolve()
 
 
+def relative_parent(parent: str | os.PathLike, out: str | os.PathLike) -> str:
+    """The parent's path relative to the variant: an absolute one would make two otherwise identical
+    builds in different folders differ, and break when both folders move together."""
+    return Path(os.path.relpath(Path(parent).absolute(), Path(out).absolute())).as_posix()
+
+
 def _gate(quality: dict, config: QuantizeConfig) -> list[str]:
     failures = []
     if config.min_agreement is not None and quality["agreement"] < config.min_agreement:
         failures.append(f"agreement {quality['agreement']:.3f} < --min-agreement {config.min_agreement}")
     if quality.get("new_empty_captions"):
         failures.append(f"{quality['new_empty_captions']} empty captions where the parent captioned")
+    if config.min_psnr is not None and quality.get("psnr_min", float("inf")) < config.min_psnr:
+        failures.append(f"worst image PSNR {quality['psnr_min']:.1f} dB < --min-psnr {config.min_psnr}")
+    if quality.get("non_finite_images"):
+        failures.append(f"{quality['non_finite_images']} images failed with NaN/Inf in a graph")
     return failures
 
 
@@ -166,7 +205,14 @@ def quantize_artifact(
         feeds, calibration = {}, None
         if get_scheme(config.scheme).calibrated:
             log("recording calibration inputs")
-            feeds, calibration = record_calibration(parent, config.calibration_images, config.num_calibration)
+            feeds, calibration = record_calibration(
+                parent,
+                config.calibration_images,
+                config.num_calibration,
+                config.calibration_prompts,
+                config.calibration_steps,
+                config.image_size,
+            )
         stats = {}
         for name in components:
             log(f"quantizing {name} with {config.scheme}")
@@ -181,7 +227,7 @@ def quantize_artifact(
                 for n, s in manifest.components.items()
             },
             parent={
-                "path": str(parent),
+                "path": relative_parent(parent, out),
                 "artifact_sha256": artifact_hash(manifest),
                 "precision": manifest.precision,
             },
@@ -190,6 +236,7 @@ def quantize_artifact(
                 "options": options,
                 "components": list(components),
                 "exclude": list(config.exclude),
+                "recipe_exclude": {name: list(recipe_exclude(manifest, name)) for name in components},
                 "calibration": calibration,
                 "nodes": stats,
             },

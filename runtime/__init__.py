@@ -7,11 +7,12 @@
 
 ``load`` reads the manifest, checks the files against it and returns the pipeline the artifact's
 family registers. Nothing here imports torch or transformers' modeling code, except for artifacts of
-kind "torch" (bitsandbytes variants), which run on transformers.
+kind "torch" (bitsandbytes variants), which run on transformers (captioners) or diffusers (text-to-image).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -20,7 +21,19 @@ from modelkiln.registry import get_family
 
 from .session import BACKENDS, RuntimeOptions
 
-__all__ = ["BACKENDS", "RuntimeOptions", "load"]
+__all__ = ["BACKENDS", "RuntimeOptions", "load", "torch_pipeline_class"]
+
+# Task -> module whose torch_pipeline_class(family) runs that task's torch (bitsandbytes) artifacts.
+TORCH_RUNTIMES: dict[str, str] = {
+    "image-to-text": "modelkiln.runtime.torch_captioning",
+    "text-to-image": "modelkiln.runtime.torch_diffusion",
+}
+
+
+def torch_pipeline_class(family: str) -> type:
+    """The pipeline class of the family's torch artifacts. Imports torch: the ONNX path never calls it."""
+    module = importlib.import_module(TORCH_RUNTIMES[get_family(family).task])
+    return module.torch_pipeline_class(family)
 
 
 def load(
@@ -32,9 +45,6 @@ def load(
     require_intact(directory, manifest, hashes=verify)
     options = RuntimeOptions(backend=backend, threads=threads, verify=verify)
     if manifest.kind == "torch":
-        # Imported here only: the ONNX path must stay free of torch.
-        from .torch_captioning import torch_pipeline_class
-
         return torch_pipeline_class(manifest.family)(directory, manifest, options)
     pipeline_class = get_family(manifest.family).load_pipeline_class()
     return pipeline_class(directory, manifest, options)
