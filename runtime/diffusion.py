@@ -120,24 +120,27 @@ class TextToImagePipeline(abc.ABC):
         callback: Callable[[int, int], None] | None = None,
     ) -> TextToImageOutput:
         """Generate images; ``callback(step, total)`` is called after every denoising step."""
-        # 1. Resolve and check the settings.
         request = self.request(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
             generator, num_images_per_prompt, latents, max_sequence_length,
         )  # fmt: skip
-        # 2. Encode the prompts (and negatives, when the family guides with them).
+        images = self.generate(request, callback)
+        return TextToImageOutput(images if output_type == "np" else to_pil(images))
+
+    def generate(self, request: Request, callback: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """[N, H, W, 3] floats in [0, 1] for a resolved request."""
+        # 1. Encode the prompts (and negatives, when the family guides with them).
         condition = self.encode(request)
-        # 3. Start from noise (or the given latents) and the scheduler's timesteps for this size.
+        # 2. Start from noise (or the given latents) and the scheduler's timesteps for this size.
         state = self.initial_latents(request)
         timesteps = self.timesteps(request, state)
-        # 4. Denoise.
+        # 3. Denoise.
         for i, t in enumerate(timesteps):
             state = self.step(request, condition, state, t)
             if callback is not None:
                 callback(i + 1, len(timesteps))
-        # 5. Decode to pixels.
-        images = self.decode(request, state)
-        return TextToImageOutput(images if output_type == "np" else to_pil(images))
+        # 4. Decode to pixels.
+        return self.decode(request, state)
 
     def request(
         self,

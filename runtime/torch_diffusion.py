@@ -28,7 +28,7 @@ import torch
 from modelkiln.errors import KilnError, NonFiniteOutputError
 from modelkiln.manifest import Manifest
 
-from .diffusion import Request, TextToImageOutput, TextToImagePipeline, to_pil
+from .diffusion import Request, TextToImagePipeline
 from .session import RuntimeOptions
 
 
@@ -191,41 +191,20 @@ class TorchTextToImagePipeline(TextToImagePipeline):
         super().__init__(directory, manifest, options)
         self.pipe = load_diffusers(self.directory, manifest.family, manifest.runtime)
 
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        num_images_per_prompt: int = 1,
-        latents: torch.Tensor | None = None,
-        max_sequence_length: int | None = None,
-        output_type: str = "pil",
-        callback: Callable[[int, int], None] | None = None,
-    ) -> TextToImageOutput:
-        """Generate images; ``callback(step, total)`` is called after every denoising step."""
-        # 1. Resolve and check the settings exactly as the ONNX runtime does (latent shape included).
-        request = self.request(
-            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
-            generator, num_images_per_prompt, latents, max_sequence_length,
-        )  # fmt: skip
+    def generate(self, request: Request, callback: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """diffusers' own loop with the settings the ONNX runtime resolved (latent shape checked too)."""
         if request.latents is not None:
             self.initial_latents(request)
-        # 2. Run diffusers' own loop with those settings.
         with torch.no_grad(), quiet_int8_casts():
             images = self.pipe(**self.diffusers_arguments(request, callback)).images
-        # 3. Refuse NaN/Inf, which would otherwise come back as a black image.
+        # NaN/Inf would otherwise come back as a black image.
         if not np.isfinite(images).all():
             raise NonFiniteOutputError(
                 f"the {self.manifest.precision} pipeline in {self.directory} produced NaN/Inf; the image would "
                 "be black. Quantize the denoiser alone (no text encoder in --components), try bnb-int8, "
                 "or use the fp32 artifact."
             )
-        return TextToImageOutput(images if output_type == "np" else to_pil(images))
+        return images
 
     def diffusers_arguments(self, request: Request, callback: Callable[[int, int], None] | None) -> dict:
         """The diffusers pipeline's call arguments for a resolved request."""
