@@ -4,9 +4,11 @@
     report = run_bench(BenchConfig(out=Path("bench"), preset="tiny", schemes=("int8-dynamic",)))
     # bench/report.json, bench/report.md, bench/*.png
 
-Every variant (the PyTorch eager fp32 baseline first, then each ONNX artifact) captions the same
-drawn images, batch 1, greedy, exactly ``max_new_tokens`` tokens. Variants are timed round-robin,
-image by image, so the machine's drift over minutes hits all of them alike.
+Every variant (the PyTorch eager fp32 baseline first, then each ONNX artifact, then each peer
+toolchain asked for with ``peers``) captions the same drawn images, batch 1, greedy, exactly
+``max_new_tokens`` tokens. Variants are timed round-robin, image by image, so the machine's drift over
+minutes hits all of them alike; a peer runs in its own virtualenv's process but takes its turn in the
+same rounds (see ``peers``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from rich.progress import Progress
 from modelkiln.errors import KilnError
 
 from . import roofline
+from .peers import PeerRunner, PeerSetup, check_peers, prepare_peers
 from .quality import caption_agreement
 from .runners import EagerRunner, Job, OrtRunner
 from .variants import Variant, check_schemes, prepare_variants
@@ -51,10 +54,18 @@ class BenchConfig:
     plots: bool = True  # PNG plots when matplotlib is importable
     progress: bool = True  # rich progress bar on stderr
     command: str = ""  # the exact command line, recorded in the report
+    peers: tuple[str, ...] = ()  # other toolchains to time beside the variants (keys of peers.PEERS)
+    peers_dir: Path | None = None  # where peer virtualenvs live; None: ~/.cache/modelkiln/peers
 
     @property
     def artifacts_dir(self) -> Path:
         return self.work_dir or self.out / "artifacts"
+
+    @property
+    def peers_root(self) -> Path:
+        from .peers import default_root
+
+        return self.peers_dir or default_root()
 
 
 def resolve_source(config: BenchConfig, log: Callable[[str], None]) -> str:
@@ -78,6 +89,7 @@ def _check(config: BenchConfig) -> None:
     if config.warmup < 0:
         raise KilnError(f"--warmup must be 0 or more, got {config.warmup}.")
     check_schemes(config.schemes)
+    check_peers(config.peers)
 
 
 @dataclass
@@ -89,20 +101,25 @@ class Timings:
 
 
 def time_variants(runners: dict[str, Any], images: list, config: BenchConfig) -> dict[str, Timings]:
-    """Warm-up passes, then timed passes, each pass running every variant over every image in turn."""
+    """Warm-up passes, then timed passes; within a pass every image goes through every variant in turn.
+
+    Image by image rather than variant by variant: a neighbour's burst on this shared 2-core machine
+    lasts seconds, so it lands on all variants' jobs of that image alike instead of on one variant.
+    """
     timings = {name: Timings() for name in runners}
     passes = config.warmup + config.repeats
     with Progress(console=Console(stderr=True), transient=True, disable=not config.progress) as progress:
         task = progress.add_task("timing", total=passes * len(runners) * len(images))
         for index in range(passes):
-            for name, runner in runners.items():
-                progress.update(task, description=f"pass {index + 1}/{passes}: {name}")
-                jobs = [runner.run(image) for image in images]
-                progress.advance(task, len(images))
-                if index == 0:
-                    timings[name].captions = jobs
-                if index >= config.warmup:
-                    timings[name].jobs += jobs
+            for image in images:
+                for name, runner in runners.items():
+                    progress.update(task, description=f"pass {index + 1}/{passes}: {name}")
+                    job = runner.run(image)
+                    progress.advance(task)
+                    if index == 0:
+                        timings[name].captions.append(job)
+                    if index >= config.warmup:
+                        timings[name].jobs.append(job)
     return timings
 
 
@@ -173,30 +190,80 @@ def _rss(name: str, target: str, config: BenchConfig) -> int | None:
     return measure_rss(target, name == EAGER, config.threads, config.max_new_tokens, IMAGE_SEEDS)
 
 
-def variant_row(
-    name: str, target: str, sizes: tuple, timings: Timings, baseline: Timings, context: dict
-) -> dict:
+@dataclass(frozen=True)
+class Measured:
+    """What a variant is and weighs, beside its timings."""
+
+    target: str  # source model, artifact directory or peer export
+    total_bytes: int  # files on disk (eager: source weights; a peer: the files its runtime loads)
+    decoder_bytes: int | None  # weight bytes one decoder step reads; None when there is no decoder
+    peak_rss_bytes: int | None  # peak RSS of a fresh process captioning one image; None when skipped
+
+
+def measure(runners: dict[str, Any], source: str, variants: list[Variant], config: BenchConfig) -> dict:
+    """Sizes and peak memory of every runner, by name."""
+    measured = {EAGER: Measured(source, *eager_bytes(runners[EAGER], source), _rss(EAGER, source, config))}
+    for v in variants:
+        sizes = artifact_bytes(v.path)
+        measured[v.name] = Measured(str(v.path), *sizes, _rss(v.name, str(v.path), config))
+    for name, runner in runners.items():
+        if isinstance(runner, PeerRunner):
+            rss = runner.peak_rss() if config.measure_rss else None
+            measured[name] = Measured(str(runner.setup.export_dir), *runner.sizes(), rss)
+    return measured
+
+
+def variant_row(name: str, measured: Measured, timings: Timings, baseline: Timings, context: dict) -> dict:
     """Everything measured for one variant, as report.json stores it."""
     config: BenchConfig = context["config"]
     stages = stage_medians(timings.jobs)
-    total_bytes, decoder_bytes = sizes
     return {
         "name": name,
-        "path": target,
-        "size_bytes": total_bytes,
+        "path": measured.target,
+        "size_bytes": measured.total_bytes,
         "latency": latency(timings.jobs, config.max_new_tokens),
         "stages_s": stages,
-        "peak_rss_bytes": _rss(name, target, config),
+        "peak_rss_bytes": measured.peak_rss_bytes,
         "quality": caption_agreement(baseline.captions, timings.captions),
-        "roofline": roofline.multiples(context["machine"], decoder_bytes, context["flops"], stages),
+        "roofline": roofline.multiples(context["machine"], measured.decoder_bytes, context["flops"], stages),
     }
 
 
-def _load_runners(source: str, variants: list[Variant], config: BenchConfig) -> dict[str, Any]:
+def _load_runners(
+    source: str, variants: list[Variant], peers: list[PeerSetup], images: list, config: BenchConfig
+) -> dict[str, Any]:
     runners: dict[str, Any] = {EAGER: EagerRunner(source, config.threads, config.max_new_tokens)}
     for variant in variants:
         runners[variant.name] = OrtRunner(variant.path, config.threads, config.max_new_tokens)
+    for peer in peers:
+        # The peer's process waits on its stdin between jobs: it takes no CPU while the others run.
+        runners[peer.name] = PeerRunner(peer, source, images, config.threads, config.max_new_tokens)
     return runners
+
+
+def _close(runners: dict[str, Any]) -> None:
+    for runner in runners.values():
+        if isinstance(runner, PeerRunner):
+            runner.close()
+
+
+def _measure_all(
+    source: str, variants: list[Variant], peers: list[PeerSetup], context: dict, log
+) -> list[dict]:
+    """Time every variant and peer on the same images, round-robin; one report row each."""
+    from modelkiln.fixtures import shapes
+
+    config: BenchConfig = context["config"]
+    log(f"loading {len(variants) + len(peers) + 1} variants")
+    images = [shapes.draw(IMAGE_SEEDS + i)[0] for i in range(config.images)]
+    runners = _load_runners(source, variants, peers, images, config)
+    try:
+        timings = time_variants(runners, images, config)
+        log("measuring peak memory per variant")
+        measured = measure(runners, source, variants, config)
+    finally:
+        _close(runners)  # peer processes end even when timing fails
+    return [variant_row(name, m, timings[name], timings[EAGER], context) for name, m in measured.items()]
 
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: None) -> dict:
@@ -204,41 +271,29 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
     import json
 
     from modelkiln.exporters.source import resolve_source as resolve_model
-    from modelkiln.fixtures import shapes
 
     from .report import machine_info, write_reports
 
-    # 1. Check the request, then build or find the source and every variant.
+    # 1. Check the request, then build or find the source, every variant and every peer's export.
     _check(config)
     source = resolve_source(config, log)
     log("measuring this machine's GEMM and memory bandwidth")
     machine = roofline.measure_machine(config.threads)
     variants = prepare_variants(source, config.schemes, config.variants, config.artifacts_dir, log)
-    # 2. Time all variants on the same images, round-robin.
-    log(f"loading {len(variants) + 1} variants")
-    runners = _load_runners(source, variants, config)
-    images = [shapes.draw(IMAGE_SEEDS + i)[0] for i in range(config.images)]
-    timings = time_variants(runners, images, config)
-    # 3. Summarise each against the eager baseline, then write the reports.
-    log("measuring peak memory per variant")
-    context = {
-        "config": config,
-        "machine": machine,
-        "flops": roofline.encoder_flops(resolve_model(source).config),
-    }
-    targets = {EAGER: (source, eager_bytes(runners[EAGER], source))}
-    targets |= {v.name: (str(v.path), artifact_bytes(v.path)) for v in variants}
-    rows = [
-        variant_row(name, target, sizes, timings[name], timings[EAGER], context)
-        for name, (target, sizes) in targets.items()
-    ]
+    peers, notes = prepare_peers(config.peers, source, config.peers_root, config.artifacts_dir, log)
+    # 2. Time them all on the same images, round-robin, and summarise each against the eager baseline.
+    flops = roofline.encoder_flops(resolve_model(source).config)
+    context = {"config": config, "machine": machine, "flops": flops}
+    rows = _measure_all(source, variants, peers, context, log)
     report = {
         "command": config.command,
         "source": source,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()},
-        "machine": {**machine_info(), "roofline": machine, "encoder_flops": context["flops"]},
+        "machine": {**machine_info(), "roofline": machine, "encoder_flops": flops},
         "variants": rows,
+        "peers": notes,
     }
     report = json.loads(json.dumps(report, default=str))  # plain JSON types throughout
+    # 3. Write the reports.
     write_reports(report, config.out, config.plots)
     return report

@@ -3,7 +3,8 @@
     write_reports(report, Path("bench"), plots=True)
 
 ``report`` is what ``harness.run_bench`` assembles; speed-ups are against the first variant (PyTorch
-eager) and sizes against the fp32 ONNX export when there is one.
+eager) and, when it ran, against the optimum-onnx peer; sizes against the fp32 ONNX export when there
+is one. Each peer asked for gets a line, also when it could not run the source's family.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+PEER = "optimum-onnx"  # the peer row issue 6 measures the fp32 export against
 LIBRARIES = ("modelkiln", "torch", "transformers", "onnx", "onnxruntime", "numpy", "sacrebleu", "matplotlib")
 # Issue 6's targets, checked in the report: (what, variant, figure, limit, higher is better).
 TARGETS = (
     ("ONNX fp32 end-to-end speed-up vs eager", "onnx-fp32", "speedup", 1.5, True),
+    ("ONNX fp32 end-to-end speed-up vs optimum-onnx's export", "onnx-fp32", "speedup_vs_peer", 1.3, True),
     ("int8 end-to-end speed-up vs eager", "int8-dynamic", "speedup", 3.0, True),
     ("int8 size vs fp32 ONNX", "int8-dynamic", "size_ratio", 0.30, False),
     ("int4 size vs fp32 ONNX", "int4-weight", "size_ratio", 0.20, False),
@@ -45,6 +48,9 @@ def machine_info() -> dict:
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
+        # Runnable processes over the last 1, 5, 15 minutes, at the end of the run: above the core
+        # count, neighbours shared the CPU, and absolute times read slow (ratios hold, being interleaved).
+        "load_average": [round(load, 2) for load in os.getloadavg()],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "libraries": versions,
@@ -52,13 +58,16 @@ def machine_info() -> dict:
 
 
 def derived(report: dict) -> dict[str, dict]:
-    """Per variant: speed-up vs eager (p50), size vs the fp32 ONNX export, decode roofline multiple."""
+    """Per variant: speed-up vs eager and vs the peer (p50), size vs the fp32 ONNX export, decode
+    roofline multiple."""
     rows = report["variants"]
     eager = rows[0]["latency"]["p50_s"]
     fp32 = next((row["size_bytes"] for row in rows if row["name"] == "onnx-fp32"), None)
+    peer = next((row["latency"]["p50_s"] for row in rows if row["name"] == PEER), None)
     return {
         row["name"]: {
             "speedup": eager / row["latency"]["p50_s"],
+            "speedup_vs_peer": peer / row["latency"]["p50_s"] if peer else None,
             "size_ratio": row["size_bytes"] / fp32 if fp32 and row is not rows[0] else None,
             "decode_multiple": row["roofline"].get("decode_multiple"),
         }
@@ -99,22 +108,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def latency_table(report: dict) -> list[str]:
     figures = derived(report)
+    # The column vs the peer appears only when the peer ran.
+    peer = any(row["name"] == PEER for row in report["variants"])
     rows = []
     for row in report["variants"]:
-        lat = row["latency"]
-        rows.append(
-            [
-                row["name"],
-                _ms(lat["p50_s"]),
-                _ms(lat["p90_s"]),
-                _ms(lat["p99_s"]),
-                f"{figures[row['name']]['speedup']:.2f}x",
-                f"{lat['images_per_s']:.2f}",
-                f"{lat['tokens_per_s']:.1f}",
-            ]
-        )
-    header = ["variant", "p50 ms", "p90 ms", "p99 ms", "speed-up vs eager (p50)", "images/s", "tokens/s"]
-    return _table(header, rows)
+        lat, figure = row["latency"], figures[row["name"]]
+        cells = [row["name"], _ms(lat["p50_s"]), _ms(lat["p90_s"]), _ms(lat["p99_s"])]
+        cells += [_times(figure["speedup"])] + ([_times(figure["speedup_vs_peer"])] if peer else [])
+        rows.append([*cells, f"{lat['images_per_s']:.2f}", f"{lat['tokens_per_s']:.1f}"])
+    header = ["variant", "p50 ms", "p90 ms", "p99 ms", "speed-up vs eager (p50)"]
+    header += [f"speed-up vs {PEER} (p50)"] if peer else []
+    return _table([*header, "images/s", "tokens/s"], rows)
 
 
 def stage_table(report: dict) -> list[str]:
@@ -177,6 +181,18 @@ def targets_table(checks: list[dict]) -> list[str]:
     return _table(["issue 6 target", "limit", "measured", ""], rows)
 
 
+def peer_lines(report: dict) -> list[str]:
+    """One line per peer asked for: what ran and how, or why it could not."""
+    notes = report.get("peers") or []
+    if not notes:
+        return []
+    return ["## Peers", "", *(f"- {note['note']}" for note in notes), ""]
+
+
+def _loads(machine: dict) -> str:
+    return ", ".join(str(load) for load in machine.get("load_average", [])) or "not recorded"
+
+
 def markdown(report: dict) -> str:
     machine, settings = report["machine"], report["settings"]
     roof = machine["roofline"]
@@ -188,8 +204,10 @@ def markdown(report: dict) -> str:
         f"Source `{report['source']}`; {settings['images']} drawn images x {settings['repeats']} repeats "
         f"after {settings['warmup']} warm-up, batch 1, greedy, {settings['max_new_tokens']} tokens each, "
         f"{settings['threads']} threads. {machine['cpu']} ({machine['cores']} cores): "
-        f"fp32 GEMM {roof['gemm_gflops']} GFLOP/s, memory read {roof['read_gbps']} GB/s.",
+        f"fp32 GEMM {roof['gemm_gflops']} GFLOP/s, memory read {roof['read_gbps']} GB/s. "
+        f"Load average at the end (1/5/15 min): {_loads(machine)}.",
         "",
+        *peer_lines(report),
         "## Latency per image (end to end)",
         "",
         *latency_table(report),

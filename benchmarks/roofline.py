@@ -92,10 +92,28 @@ def step_weight_bytes(graph_path: Path) -> int:
     # Shapes and dtypes only: external weight files are not read.
     graph = onnx.load(str(graph_path), load_external_data=False).graph
     consumers: dict[str, set[str]] = {}
+    _collect_consumers(graph, consumers)
+    return sum(_initializer_bytes(t) for t in graph.initializer if consumers.get(t.name, set()) - {"Gather"})
+
+
+def _collect_consumers(graph, consumers: dict[str, set[str]]) -> None:
+    """Op types reading each name, subgraphs included (a merged decoder keeps its weights outside them).
+
+    An ``If`` on ``use_cache_branch`` is optimum's merged decoder: a step with a KV cache runs only its
+    then branch, so the else branch's first-step work (cross-attention K/V projections) is not counted.
+    """
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, set()).add(node.op_type)
-    return sum(_initializer_bytes(t) for t in graph.initializer if consumers.get(t.name, set()) - {"Gather"})
+        for attribute in node.attribute:
+            if (
+                node.op_type == "If"
+                and node.input[0] == "use_cache_branch"
+                and attribute.name != "then_branch"
+            ):
+                continue
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                _collect_consumers(subgraph, consumers)
 
 
 def multiples(machine: dict, decoder_bytes: int | None, flops: float | None, stages: dict) -> dict:

@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=2, help="intra-op threads for every variant")
     bench.add_argument("--repeats", type=int, default=5, help="timed passes over the images")
     bench.add_argument("--warmup", type=int, default=1, help="untimed passes first")
-    bench.add_argument("--images", type=int, default=4, help="drawn images per pass")
+    bench.add_argument("--images", type=int, default=4, help="drawn images (text-to-image: prompts) per pass")
     bench.add_argument("--max-new-tokens", type=int, default=16, help="tokens every variant decodes")
     bench.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
     bench.add_argument(

@@ -1,4 +1,7 @@
-"""`kiln bench` on the tiny preset, end to end: reports, every variant's rows, memory and roofline."""
+"""`kiln bench` on the tiny preset, end to end: reports, every variant's rows, memory and roofline.
+
+The optimum-onnx peer is tested from a recorded line of its serve loop: no test creates its virtualenv.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,9 @@ import json
 
 import pytest
 
+from modelkiln.benchmarks import peers
+from modelkiln.benchmarks.harness import EAGER, BenchConfig, Measured, Timings, variant_row
+from modelkiln.benchmarks.report import write_reports
 from modelkiln.benchmarks.runners import Job, stage_times
 from modelkiln.cli import main
 
@@ -91,8 +97,88 @@ def test_stage_times_split_encoder_first_token_and_decode():
     [
         (["--preset", "tiny", "--schemes", "int3-magic"], "unknown scheme"),
         (["--preset", "tiny", "--repeats", "0"], "--repeats must be at least 1"),
+        (["--preset", "tiny", "--peers", "vllm"], "unknown peer. Valid peers: optimum"),
     ],
 )
 def test_bad_requests_say_what_to_do(tmp_path, capsys, argv, message):
     assert main(["bench", *argv, "--out", str(tmp_path / "out"), "--artifacts", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+# One line of optimum_peer.py's serve loop, recorded on the tiny preset (4 tokens).
+PEER_LINE = {
+    "image": 0,
+    "tokens": [7, 7, 19, 33],
+    "text": "w3 w3 w15 w29",
+    "total_s": 0.082,
+    "preprocess_s": 0.001,
+    "calls": [
+        ["encoder", 0.004],
+        ["decoder", 0.018],
+        ["decoder", 0.0175],
+        ["decoder", 0.0095],
+        ["decoder", 0.0015],
+    ],
+}
+
+
+def _decode(tokens: list[int]) -> str:
+    return " ".join(f"w{token - 4}" for token in tokens)  # the presets' word-level vocabulary
+
+
+def test_peer_line_parses_into_a_job():
+    job = peers.parse_job(PEER_LINE, _decode)
+    assert job.tokens == [7, 7, 19, 33] and job.text == "w3 w3 w15 w29" and job.total_s == 0.082
+    assert job.stages == pytest.approx(
+        {"preprocess": 0.001, "encoder": 0.004, "first_token": 0.018, "decode_per_token": 0.0095}
+    )
+
+
+def _row(name: str, seconds: float, tokens: list[int], baseline: Timings | None, context: dict) -> dict:
+    job = peers.parse_job({**PEER_LINE, "total_s": seconds, "tokens": tokens}, _decode)
+    timings = Timings(captions=[job], jobs=[job, job])
+    return variant_row(name, Measured(name, 1000, 500, 2000), timings, baseline or timings, context)
+
+
+def test_peer_row_and_lines_in_the_report(tmp_path):
+    context = {
+        "config": BenchConfig(out=tmp_path, max_new_tokens=4),
+        "machine": {"read_gbps": 10.0},
+        "flops": None,
+    }
+    eager = _row(EAGER, 0.3, PEER_LINE["tokens"], None, context)
+    baseline = Timings(captions=[peers.parse_job(PEER_LINE, _decode)])
+    fp32 = _row("onnx-fp32", 0.1, PEER_LINE["tokens"], baseline, context)
+    peer = _row("optimum-onnx", 0.2, [7, 7, 19, 8], baseline, context)
+    assert peer["quality"]["token_agreement"] == 0.75 and peer["roofline"]["decode_multiple"] > 0
+    setup = peers.PeerSetup(
+        "optimum", "optimum-onnx", tmp_path, tmp_path, tmp_path, {"optimum-onnx": "0.1.0"}
+    )
+    report = {
+        "command": "kiln bench --peers optimum",
+        "source": "src",
+        "settings": {"images": 1, "repeats": 2, "warmup": 0, "max_new_tokens": 4, "threads": 2},
+        "machine": {"cpu": "cpu", "cores": 2, "roofline": {"gemm_gflops": 1.0, "read_gbps": 10.0}},
+        "variants": [eager, fp32, peer],
+        "peers": [peers.ran(setup), peers.not_run("optimum", "blip")],
+    }
+    write_reports(report, tmp_path, plots=False)
+    text = (tmp_path / "report.md").read_text()
+    assert "speed-up vs optimum-onnx (p50)" in text and "| optimum-onnx | 200.0 |" in text
+    assert "optimum-onnx cannot run family blip: it runs vit-gpt2 only" in text
+    check = next(c for c in report["targets"] if "optimum-onnx" in c["target"])
+    assert check["value"] == pytest.approx(2.0) and check["met"]
+
+
+def test_peer_skips_a_family_it_cannot_run_without_a_venv(monkeypatch, tmp_path):
+    from modelkiln import registry
+    from modelkiln.exporters import source
+
+    class Family:
+        name = "blip"
+
+    monkeypatch.setattr(source, "resolve_source", lambda model: type("S", (), {"config": {}})())
+    monkeypatch.setattr(registry, "detect_family", lambda config, model: Family)
+    monkeypatch.setattr(peers, "ensure_venv", lambda *args: pytest.fail("no venv for a family it cannot run"))
+    setups, notes = peers.prepare_peers(("optimum",), "blip-src", tmp_path, tmp_path, lambda message: None)
+    assert setups == [] and notes == [peers.not_run("optimum", "blip")] and not notes[0]["ran"]

@@ -1,0 +1,192 @@
+"""Everything a diffusion benchmark row holds beside the raw timings: stage percentiles, image quality
+against the eager images, sizes, peak memory, the step's roofline and its op profile.
+
+    rows = measure_variants(source, variants, runners, timings, latent_shape, context, log)
+
+``context`` carries the config, the machine figures, the generation settings and the family, as
+``diffusion_harness.run_diffusion_bench`` builds it. The runners are released here (``runners`` is
+emptied) once the eager step is profiled: the ONNX profiles and the memory probes need that memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .diffusion_runners import DENOISERS, ImageJob
+from .variants import Variant
+
+EAGER = "pytorch-eager"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What a variant weighs on disk."""
+
+    total_bytes: int  # every file of the artifact (eager: the source's weight files)
+    denoiser_bytes: int  # the denoiser's graph and weights (eager: its weight files)
+    precision: str  # the denoiser's precision (fp32, int8, int4, fp16)
+    denoiser_file: Path | None  # the denoiser graph to profile; None for eager
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    p50, p90, p99 = np.percentile(np.asarray(values), [50, 90, 99])
+    return {"p50_s": float(p50), "p90_s": float(p90), "p99_s": float(p99), "mean_s": statistics.fmean(values),
+            "count": len(values)}  # fmt: skip
+
+
+def latency(jobs: list[ImageJob]) -> dict[str, dict]:
+    """Percentiles of the whole pipeline and of each stage; every step call counts once."""
+    other = [job.total_s - job.text_encoders_s - sum(job.step_s) - job.vae_decode_s for job in jobs]
+    return {
+        "pipeline": percentiles([job.total_s for job in jobs]),
+        "text_encoders": percentiles([job.text_encoders_s for job in jobs]),
+        "step": percentiles([s for job in jobs for s in job.step_s]),
+        "vae_decode": percentiles([job.vae_decode_s for job in jobs]),
+        # Tokenizers, scheduler arithmetic, guidance and array copies between the graphs.
+        "other": percentiles(other),
+    }
+
+
+def image_agreement(baseline: list[np.ndarray], images: list[np.ndarray]) -> dict:
+    """PSNR/SSIM of each image against the eager image from the same prompt and latents."""
+    from modelkiln.validate_diffusion import image_metrics
+
+    rows = [image_metrics(image, reference) for image, reference in zip(images, baseline, strict=True)]
+    return {
+        "images": len(rows),
+        "psnr_mean": statistics.fmean(row["psnr"] for row in rows),
+        "psnr_min": min(row["psnr"] for row in rows),
+        "ssim_mean": statistics.fmean(row["ssim"] for row in rows),
+        "max_pixel_diff": max(row["max_pixel_diff"] for row in rows),
+        "per_image": rows,
+    }
+
+
+def artifact_sizes(directory: Path) -> Sizes:
+    from modelkiln.manifest import read_manifest
+
+    manifest = read_manifest(directory)
+    name = next(n for n in DENOISERS if n in manifest.components)
+    spec = manifest.components[name]
+    files = [spec.file] + ([spec.external_data] if spec.external_data else [])
+    return Sizes(
+        total_bytes=sum((directory / f).stat().st_size for f in manifest.files),
+        denoiser_bytes=sum((directory / f).stat().st_size for f in files),
+        precision=spec.precision or manifest.precision,
+        denoiser_file=directory / spec.file,
+    )
+
+
+def source_sizes(source: str) -> Sizes:
+    from modelkiln.exporters.source import resolve_source
+
+    resolved = resolve_source(source)
+    sizes = {name: (resolved.path / name).stat().st_size for name in resolved.weight_files}
+    denoiser = sum(size for name, size in sizes.items() if name.split("/")[0] in DENOISERS)
+    return Sizes(sum(sizes.values()), denoiser, "fp32", None)
+
+
+def profile_steps(runners: dict, variants: list[Variant], config, log: Callable[[str], None]) -> dict:
+    """One profiled denoising step per variant, on the feeds the first ONNX variant recorded.
+
+    Empties ``runners`` after the eager profile, so each ONNX profile session loads alone."""
+    from .diffusion_profile import ort_step_profile, torch_step_profile
+
+    recorded = runners[variants[0].name].pipe.recorder
+    denoiser = next(name for name in DENOISERS if name in recorded)
+    feeds = recorded[denoiser]
+    eager = runners.pop(EAGER)
+    profiles = {}
+    if config.profile:
+        log("profiling one denoising step of each variant")
+        profiles[EAGER] = torch_step_profile(
+            getattr(eager.pipe, eager.denoiser_name()), feeds, config.threads
+        )
+    del eager
+    runners.clear()
+    for variant in variants if config.profile else []:
+        profiles[variant.name] = ort_step_profile(
+            artifact_sizes(variant.path).denoiser_file, feeds, config.threads
+        )
+    return profiles
+
+
+def _rss(target: str, eager: bool, latent_shape: tuple[int, ...], context: dict) -> int | None:
+    config = context["config"]
+    if not config.measure_rss:
+        return None
+    from .diffusion_rss import measure_diffusion_rss
+
+    return measure_diffusion_rss(target, eager, context["settings"], tuple(latent_shape), config.threads)
+
+
+def step_flops_of(source: str, context: dict, latent_shape: tuple[int, ...]) -> dict | None:
+    """FLOPs of one denoiser call at the benchmark's shapes (batch 2 when guided)."""
+    import json
+
+    from modelkiln.exporters.source import resolve_source
+
+    from .diffusion_roofline import step_flops
+
+    settings = context["settings"]
+    folder = resolve_source(source).path
+    denoiser = next(name for name in DENOISERS if (folder / name / "config.json").is_file())
+    config = json.loads((folder / denoiser / "config.json").read_text())
+    text = 77 + (settings.max_sequence_length or 0)  # CLIP's 77 tokens, then T5's
+    batch = 2 if settings.guidance_scale > 1 else 1
+    shape = {
+        "latent_height": latent_shape[2],
+        "latent_width": latent_shape[3],
+        "text_tokens": text,
+        "batch": batch,
+    }
+    return step_flops(context["family"], config, **shape)
+
+
+def variant_row(
+    name: str, target: str, sizes: Sizes, rss: int | None, timings, baseline, context: dict
+) -> dict:
+    """Everything measured for one variant, as report.json stores it."""
+    from .diffusion_roofline import step_bounds
+
+    stages = latency(timings.jobs)
+    total = sum(job.total_s for job in timings.jobs)
+    return {
+        "name": name,
+        "path": target,
+        "precision": sizes.precision,
+        "size_bytes": sizes.total_bytes,
+        "denoiser_bytes": sizes.denoiser_bytes,
+        "peak_rss_bytes": rss,
+        "latency": stages,
+        "images_per_s": len(timings.jobs) / total,
+        "quality": image_agreement(baseline.images, timings.images),
+        "roofline": step_bounds(
+            context["machine"], context["flops"], sizes.precision, stages["step"]["p50_s"], name == EAGER
+        ),
+        "profile": context["profiles"].get(name),
+    }
+
+
+def measure_variants(
+    source: str, variants: list[Variant], runners: dict, timings: dict, latent_shape, context: dict, log
+) -> list[dict]:
+    """One report row per variant, eager first; releases the runners (see the module docstring)."""
+    # 1. Profile one step of each variant; the runners are released on the way.
+    context = {**context, "profiles": profile_steps(runners, variants, context["config"], log)}
+    context["flops"] = step_flops_of(source, context, tuple(latent_shape))
+    # 2. Sizes and peak memory (a fresh process each), then the rows.
+    targets = [(EAGER, source, source_sizes(source))]
+    targets += [(v.name, str(v.path), artifact_sizes(v.path)) for v in variants]
+    if context["config"].measure_rss:
+        log("measuring peak memory per variant, each in a fresh process")
+    rows = []
+    for name, target, sizes in targets:
+        rss = _rss(target, name == EAGER, tuple(latent_shape), context)
+        rows.append(variant_row(name, target, sizes, rss, timings[name], timings[EAGER], context))
+    return rows

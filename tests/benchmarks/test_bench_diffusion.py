@@ -1,0 +1,128 @@
+"""`kiln bench --preset tiny --family sd3` end to end: reports, every variant's stage latencies, image
+quality against eager, roofline, the step profile and a peak-memory probe.
+
+One small run (one warm-up pass, one timed pass, two prompts, two steps) is shared by the tests; the
+memory probe runs once, on its own, since each probe is a fresh Python process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modelkiln.benchmarks.diffusion_presets import DIFFUSION_PRESETS, build_sd3_pipeline
+from modelkiln.benchmarks.diffusion_roofline import sd3_step_flops
+from modelkiln.benchmarks.diffusion_rss import measure_diffusion_rss
+from modelkiln.benchmarks.diffusion_runners import Generation
+from modelkiln.cli import main
+from modelkiln.errors import KilnError
+
+VARIANTS = ("pytorch-eager", "onnx-fp32", "int8-dynamic")
+STAGES = ("pipeline", "text_encoders", "step", "vae_decode", "other")
+PROMPTS, STEPS = 2, 2
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """(exit code, results folder, artifacts folder) of one small tiny-preset run."""
+    root = tmp_path_factory.mktemp("bench-sd3")
+    out, artifacts = root / "results", root / "artifacts"
+    argv = ["bench", "--preset", "tiny", "--family", "sd3", "--schemes", "int8-dynamic", "--out", str(out)]
+    argv += ["--artifacts", str(artifacts), "--repeats", "1", "--warmup", "1", "--images", str(PROMPTS)]
+    argv += ["--steps", str(STEPS), "--no-rss"]
+    return main(argv), out, artifacts
+
+
+@pytest.fixture(scope="module")
+def report(bench):
+    return json.loads((bench[1] / "report.json").read_text())
+
+
+def test_bench_writes_reports_and_plots(bench):
+    code, out, _ = bench
+    assert code == 0
+    for name in (
+        "report.json",
+        "report.md",
+        "step_latency.png",
+        "stages.png",
+        "quality_vs_step.png",
+        "size.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_every_variant_has_stage_latencies_and_quality(report):
+    rows = {row["name"]: row for row in report["variants"]}
+    assert tuple(rows) == VARIANTS
+    for row in rows.values():
+        for stage in STAGES:
+            stats = row["latency"][stage]
+            assert 0 <= stats["p50_s"] <= stats["p90_s"] <= stats["p99_s"], (row["name"], stage)
+        assert row["latency"]["step"]["count"] == PROMPTS * STEPS  # one transformer call per step
+        assert row["latency"]["pipeline"]["count"] == PROMPTS and row["images_per_s"] > 0
+        assert row["quality"]["images"] == PROMPTS
+    # The fp32 export reproduces diffusers' images from the same latents; int8 stays close.
+    assert rows["onnx-fp32"]["quality"]["psnr_min"] >= 60
+    assert rows["int8-dynamic"]["quality"]["psnr_min"] >= 30
+    assert rows["int8-dynamic"]["precision"] == "int8"
+    assert rows["int8-dynamic"]["denoiser_bytes"] < rows["onnx-fp32"]["denoiser_bytes"]
+
+
+def test_roofline_and_profiles(report):
+    machine = report["machine"]["roofline"]
+    assert machine["gemm_gflops"] > 0 and machine["int8_gops"] > 0
+    # GEMM rates sampled in the timed pass, under the load the steps saw.
+    assert machine["during"]["samples"] == 1 and machine["during"]["ort_int8_gops"] > 0
+    for row in report["variants"]:
+        assert row["roofline"]["step_flops"] > 0 and row["roofline"]["own_multiple"] > 0
+        assert row["profile"]["ops"] and row["profile"]["total_ms"] > 0
+    int8 = report["variants"][2]
+    assert int8["roofline"]["own_bound_s"] < int8["roofline"]["fp32_bound_s"]
+    # onnxruntime fuses the dynamic int8 matmuls at load.
+    assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(int8["profile"]["fused"])
+
+
+def test_markdown_has_the_tables_and_no_targets_for_tiny(bench, report):
+    text = (bench[1] / "report.md").read_text()
+    for heading in ("## Transformer step", "## Whole pipeline", "## Median time per stage", "## Size and memory",
+                    "## Quality vs PyTorch eager", "## Roofline", "## Where one step's time goes"):  # fmt: skip
+        assert heading in text
+    assert report["targets"] == [] and "## Targets" not in text
+
+
+def test_memory_probe_runs_an_artifact_in_a_fresh_process(bench):
+    settings = Generation(steps=1, guidance_scale=4.5, height=32, width=32, max_sequence_length=24)
+    rss = measure_diffusion_rss(str(bench[2] / "int8-dynamic"), False, settings, (1, 4, 16, 16), threads=1)
+    assert 50e6 < rss < 4e9
+
+
+def test_analytic_step_flops_match_torchs_flop_counter():
+    """The linear part equals what torch counts; torch counts no FLOPs for CPU flash attention."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    transformer = build_sd3_pipeline(DIFFUSION_PRESETS["tiny"]).transformer
+    config, text = dict(transformer.config), 77 + 24
+    inputs = {
+        "hidden_states": torch.randn(2, 4, 16, 12),
+        "encoder_hidden_states": torch.randn(2, text, config["joint_attention_dim"]),
+        "pooled_projections": torch.randn(2, config["pooled_projection_dim"]),
+        "timestep": torch.tensor([900.0, 900.0]),
+    }
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        transformer(**inputs)
+    flops = sd3_step_flops(config, latent_height=16, latent_width=12, text_tokens=text, batch=2)
+    assert flops["linear"] == counter.get_total_flops()
+    assert flops["attention"] > 0
+
+
+def test_a_family_without_a_diffusion_bench_is_refused(tmp_path, capsys):
+    code = main(["bench", "--preset", "tiny", "--family", "flux", "--out", str(tmp_path)])
+    assert code != 0
+    assert "runs sd3" in capsys.readouterr().err.replace("\n", " ")
+    with pytest.raises(KilnError, match="--preset huge: unknown"):
+        from modelkiln.benchmarks.diffusion_harness import DiffusionBenchConfig, resolve_diffusion_source
+
+        resolve_diffusion_source(DiffusionBenchConfig(out=tmp_path, preset="huge"), log=print)
