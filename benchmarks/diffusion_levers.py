@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +103,24 @@ def _timed(run, feeds) -> float:
     return time.perf_counter() - start
 
 
+def _in_child(rewrite: Callable, *args):
+    """``rewrite(*args)`` in a fresh process: a rewrite holds whole multi-GB graphs as protobuf, whose
+    freed memory this process would otherwise keep (it ran out of memory after ten rewrites)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(rewrite, *args).result()
+
+
 def build_lever(name: str, graph: Path, scratch: Path, config: dict, threads: int):
     """run(feeds) for one lever on this graph."""
     lever = LEVERS[name]
-    path = graph if lever.rewrite is None else lever.rewrite(graph, scratch / lever.rewrite.__name__, config)
+    path = (
+        graph
+        if lever.rewrite is None
+        else _in_child(lever.rewrite, graph, scratch / lever.rewrite.__name__, config)
+    )
     session = ort_session(path, threads, lever.spinning)
     return lambda feeds: session.run(None, feeds)[0]
 
@@ -176,17 +190,14 @@ def _markdown(report: dict) -> str:
     return "\n".join([*lines, ""])
 
 
-def base_rows(graph: Path, context: dict, args: argparse.Namespace, log) -> list[dict]:
-    """Every lever on one graph, a group each; the runtime default's row from its first group."""
-    rows: list[dict] = []
-    for name in (
-        n for n, lever in LEVERS.items() if n != "runtime default" and graph.parent.name in lever.bases
-    ):
+def base_rows(graph: Path, context: dict, args: argparse.Namespace, log) -> Iterator[dict]:
+    """Every lever on one graph, a group each, yielded group by group; the runtime default's row comes
+    from its first group."""
+    names = [n for n, lever in LEVERS.items() if n != "runtime default" and graph.parent.name in lever.bases]
+    for index, name in enumerate(names):
         with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
             group = measure_lever(name, graph, Path(scratch), context, log)
-        default_seen = any(row["lever"] == "runtime default" for row in rows)
-        rows += [row for row in group if row["lever"] == name or not default_seen]
-    return rows
+        yield from (row for row in group if row["lever"] == name or index == 0)
 
 
 def run_levers(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
@@ -201,24 +212,25 @@ def run_levers(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     feeds = feeds_for(config, args.size, text, runtime["vae_scale_factor"])
     context = {"config": config, "threads": args.threads, "feeds": feeds, "rounds": args.rounds}
     context["eager"], rows = _eager(source, args.threads), []
-    for base in (b for b in BASES if (artifacts / b / "transformer.onnx").is_file()):
-        log(f"{base}:")
-        rows += [
-            {"base": base, **row}
-            for row in base_rows(artifacts / base / "transformer.onnx", context, args, log)
-        ]
+    command = " ".join(["python -m modelkiln.benchmarks.diffusion_levers", *sys.argv[1:]])
     setup = (
         f"Source `{source}`; transformer feeds of a guided {args.size}x{args.size} step (batch 2, {text} "
         f"text tokens); {args.rounds} rounds per lever, each running eager, the runtime default and the "
         f"lever once; {args.threads} threads; speed-ups are medians of per-round ratios."
     )
-    report = {"command": " ".join(["python -m modelkiln.benchmarks.diffusion_levers", *sys.argv[1:]]),
-              "setup": setup, "rows": rows}  # fmt: skip
-    out = Path(args.out)
+    report = {"command": command, "setup": setup, "rows": rows}
+    for base in (b for b in BASES if (artifacts / b / "transformer.onnx").is_file()):
+        log(f"{base}:")
+        for row in base_rows(artifacts / base / "transformer.onnx", context, args, log):
+            rows.append({"base": base, **row})
+            _write(report, Path(args.out))  # after every group: a crash keeps what was measured
+    return report
+
+
+def _write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "levers.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "levers.md").write_text(_markdown(report))
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
