@@ -177,12 +177,24 @@ def profile_table(report: dict) -> list[str]:
     )
 
 
+def _shortfall(check: dict) -> str:
+    if check["met"]:
+        return "-"
+    # Three decimals: a near miss must not print as "1.80x" against a 1.8x limit.
+    return f"{check['limit'] - check['value']:.3f}x short: the step needs {check['shortfall']:.1%} less time"
+
+
 def targets_table(checks: list[dict]) -> list[str]:
     rows = [
-        [c["target"], f"{c['limit']:g}x", f"{c['value']:.2f}x", "met" if c["met"] else "MISSED",
-         "-" if c["met"] else f"{c['limit'] - c['value']:.2f}x short: the step needs {c['shortfall']:.0%} less time"]
+        [
+            c["target"],
+            f"{c['limit']:g}x",
+            f"{c['value']:.3f}x",
+            "met" if c["met"] else "MISSED",
+            _shortfall(c),
+        ]
         for c in checks
-    ]  # fmt: skip
+    ]
     return _table(["issue 6 target", "limit", "measured (p50 ratio)", "", "by how much"], rows)
 
 

@@ -72,7 +72,7 @@ def run_text_to_image(args: argparse.Namespace, console) -> int:
             f"pipeline {figure['pipeline_speedup']:5.2f}x  PSNR {row['quality']['psnr_mean']:6.1f} dB"
         )
     for check in report["targets"]:
-        console.print(f"  {'met' if check['met'] else 'MISSED':6} {check['target']}: {check['value']:.2f}x")
+        console.print(f"  {'met' if check['met'] else 'MISSED':6} {check['target']}: {check['value']:.3f}x")
     console.print(f"[bold]next:[/bold] less {Path(args.out) / 'report.md'}")
     return 0
 
