@@ -38,6 +38,9 @@ class ExportConfig:
     lora: tuple[str, ...] = ()  # diffusion only: "PATH[:SCALE]" LoRAs fused into the weights before export
     max_sequence_length: int | None = None  # diffusion only: T5 prompt length (None: the family default)
     without: tuple[str, ...] = ()  # diffusion only: optional components left out (SD3: text_encoder_3)
+    # Rewrite attention into onnxruntime's MultiHeadAttention in the components that declare it (the
+    # SD3/Flux transformers, where it was measured faster); False keeps standard ONNX ops only.
+    fuse_attention: bool = True
 
     def family_options(self) -> dict:
         """The family-specific options that were set, as keyword arguments of the exporter's load_model."""
@@ -117,7 +120,7 @@ def export_model(
         for component in exporter.build_components(torch_model):
             log(f"exporting {component.name}")
             components[component.name] = export_component(
-                component, staging, config.opset, config.external_data
+                component, staging, config.opset, config.external_data, config.fuse_attention
             )
             del component
             gc.collect()

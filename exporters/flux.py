@@ -122,7 +122,7 @@ def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
         inputs["guidance"] = torch.tensor([3.5, 3.5])
         axes["guidance"] = {0: "batch"}
         wrapper = FluxGuidedDenoiser
-    return Component("transformer", wrapper(transformer), inputs, ("noise_pred",), axes)
+    return Component("transformer", wrapper(transformer), inputs, ("noise_pred",), axes, fuse_attention=True)
 
 
 def build_components(models: PipelineModels) -> Iterator[Component]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from modelkiln.exporters.attention import fuse_attention
 from modelkiln.manifest import ComponentSpec, TensorSpec
 
 # Protobuf cannot hold a message over 2 GiB, so larger graphs must keep their weights outside.
@@ -46,6 +47,9 @@ class Component:
     example_inputs: dict[str, torch.Tensor]  # forward arguments in order, keyed by ONNX input name
     output_names: tuple[str, ...]  # ONNX output names in forward's return order
     dynamic_axes: dict[str, dict[int, str]]  # input or output name -> {axis: symbolic name}
+    # Rewrite its attention into onnxruntime's MultiHeadAttention (see exporters/attention.py); set only
+    # where the fused graph was measured faster than the exported one.
+    fuse_attention: bool = False
 
 
 def _parameter_bytes(module: torch.nn.Module) -> int:
@@ -120,9 +124,14 @@ def _trace(component: Component, opset: int) -> torch.onnx.ONNXProgram:
 
 
 def export_component(
-    component: Component, directory: Path, opset: int, external_data: bool | None = None
+    component: Component,
+    directory: Path,
+    opset: int,
+    external_data: bool | None = None,
+    fuse: bool = True,
 ) -> ComponentSpec:
-    """Export, name axes, check, and describe one component. ``external_data=None`` decides by size."""
+    """Export, name axes, fuse, check, and describe one component. ``external_data=None`` decides by
+    size; ``fuse=False`` skips the attention fusion the component declares."""
     component.module.eval()
     program = _trace(component, opset)
     path = directory / f"{component.name}.onnx"
@@ -133,6 +142,9 @@ def export_component(
     del program
     model = onnx.load(str(path), load_external_data=False)
     _name_axes(model, component.dynamic_axes)
+    fused = {}
+    if fuse and component.fuse_attention:
+        fused["MultiHeadAttention"] = fuse_attention(model)
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))  # by path, so graphs over 2 GB are checked too
     data_file = f"{path.name}.data"
@@ -141,4 +153,5 @@ def export_component(
         external_data=data_file if (directory / data_file).exists() else None,
         inputs=_tensor_specs(model.graph.input),
         outputs=_tensor_specs(model.graph.output),
+        fused=fused,
     )

@@ -87,7 +87,9 @@ def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
         "timestep": {0: "batch"},
         "noise_pred": {0: "batch", 2: "latent_height", 3: "latent_width"},
     }
-    return Component("transformer", SD3Denoiser(transformer), inputs, ("noise_pred",), axes)
+    return Component(
+        "transformer", SD3Denoiser(transformer), inputs, ("noise_pred",), axes, fuse_attention=True
+    )
 
 
 def build_components(models: PipelineModels) -> Iterator[Component]:

@@ -69,6 +69,9 @@ class ExportRecipe:
     lora: tuple[str, ...] = ()  # diffusion: "PATH[:SCALE]" LoRAs fused before export (relative to the recipe)
     max_sequence_length: int | None = None  # diffusion: T5 prompt length; left out, the family default
     without: tuple[str, ...] = ()  # diffusion: optional components left out (SD3: text_encoder_3)
+    fuse_attention: bool = (
+        True  # onnxruntime's MultiHeadAttention in the graphs that declare it; false: standard ops only
+    )
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         lora=tuple(args.lora),
         max_sequence_length=args.max_sequence_length,
         without=tuple(args.without),
+        fuse_attention=not args.no_fuse_attention,
     )
     with _status(f"exporting {args.model}") as update:
         manifest = export_model(args.model, args.out, config, log=update)
@@ -425,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="COMPONENT",
         help="diffusion: leave out an optional component (SD3: text_encoder_3, i.e. T5) (repeatable)",
+    )
+    export.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="keep standard ONNX ops only: no onnxruntime MultiHeadAttention (for runtimes other than onnxruntime)",
     )
     export.set_defaults(run=cmd_export)
 

@@ -42,6 +42,7 @@ class ComponentSpec:
     inputs: list[TensorSpec]  # in graph order
     outputs: list[TensorSpec]  # in graph order
     precision: str = "fp32"  # weight precision of this graph: fp32, fp16, int8, int4
+    fused: dict[str, int] = field(default_factory=dict)  # onnxruntime contrib ops made at export -> count
 
 
 @dataclass(frozen=True)

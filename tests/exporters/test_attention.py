@@ -1,0 +1,93 @@
+"""Attention fusion at export: exported SDPA -> onnxruntime MultiHeadAttention, same outputs."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from modelkiln.exporters.attention import fuse_attention
+from modelkiln.exporters.onnx_export import Component, export_component
+from modelkiln.manifest import read_manifest
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through SDPA, optionally with a boolean mask (left unfused)."""
+
+    def __init__(self, width: int = 32, heads: int = 4, masked: bool = False):
+        super().__init__()
+        self.heads, self.masked = heads, masked
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        b, s, w = x.shape
+        q, k, v = (
+            self.qkv(x).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        )  # [B, H, S, d] each
+        mask = torch.ones(s, s, dtype=torch.bool).tril() if self.masked else None
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, s, w))  # [B, S, H*d]
+
+
+def _export(tmp_path, module, fuse: bool):
+    torch.manual_seed(0)
+    component = Component(
+        "attention", module.eval(), {"x": torch.randn(2, 5, 32)}, ("y",), {"x": {0: "batch", 1: "seq"}},
+        fuse_attention=True,
+    )  # fmt: skip
+    folder = tmp_path / ("fused" if fuse else "plain")
+    folder.mkdir()
+    spec = export_component(component, folder, opset=18, fuse=fuse)
+    return spec, folder / spec.file
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def _run(path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_fused_graph_matches_torch_and_the_unfused_graph(tmp_path):
+    torch.manual_seed(0)
+    module = SelfAttention()
+    fused_spec, fused = _export(tmp_path, module, fuse=True)
+    _, plain = _export(tmp_path, module, fuse=False)
+    assert fused_spec.fused == {"MultiHeadAttention": 1}
+    assert _ops(fused)["MultiHeadAttention"] == 1 and _ops(fused)["Softmax"] == 0
+    assert _ops(plain)["Softmax"] == 1 and "MultiHeadAttention" not in _ops(plain)
+    x = np.random.default_rng(1).standard_normal(
+        (3, 11, 32), dtype=np.float32
+    )  # batch and length != export's
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(fused, x), expected, atol=1e-5)
+    np.testing.assert_allclose(_run(fused, x), _run(plain, x), atol=1e-5)
+
+
+def test_masked_attention_is_left_alone(tmp_path):
+    spec, path = _export(tmp_path, SelfAttention(masked=True), fuse=True)
+    assert spec.fused == {"MultiHeadAttention": 0}
+    assert _ops(path)["Softmax"] == 1
+    assert fuse_attention(onnx.load(str(path))) == 0
+
+
+@pytest.mark.parametrize("name,layers", [("sd3.5-medium", 3), ("flux-dev", 2)])
+def test_diffusion_transformers_are_fused_and_the_option_turns_it_off(tiny_diffusion, name, layers):
+    """SD3.5-Medium-style: 2 joint blocks, the first with a second (dual) attention; Flux: one double-
+    and one single-stream block. Validation against PyTorch covers the fused graphs' numbers."""
+    _, fused = tiny_diffusion(name)
+    _, plain = tiny_diffusion(name, fuse_attention=False)
+    assert read_manifest(fused).components["transformer"].fused == {"MultiHeadAttention": layers}
+    assert read_manifest(plain).components["transformer"].fused == {}
+    assert _ops(fused / "transformer.onnx")["MultiHeadAttention"] == layers
+    plain_graph = onnx.load(str(plain / "transformer.onnx"))
+    assert all(opset.domain in ("", "ai.onnx") for opset in plain_graph.opset_import)
+    # The text encoders' causal masks keep their attention unfused; they do not declare fusion anyway.
+    assert read_manifest(fused).components["text_encoder"].fused == {}
