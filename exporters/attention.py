@@ -13,8 +13,8 @@ CUDA: measured 1.10x (fp32) and 1.14x (int8) faster per SD3.5-Medium-width trans
     onnx.save(model, "transformer.onnx")
 
 The fused graph needs onnxruntime (CPU, CUDA, or TensorRT EP with fallback); export with
-``--no-fuse-attention`` for a graph of standard ONNX ops only. Masked attention (CLIP's causal mask)
-is left alone.
+``--no-fuse-attention`` for a graph of standard ONNX ops only. Attention under a real mask (CLIP's
+causal mask) is left alone; a constant all-true mask (ViT's) adds nothing and is dropped.
 """
 
 from __future__ import annotations
@@ -63,17 +63,66 @@ def _heads(shapes: dict, name: str) -> tuple[int, int] | None:
     return dims[1].dim_value, dims[3].dim_value
 
 
+def _all(graph, producers: dict, name: str, value) -> bool:
+    """Whether ``name`` is a constant (possibly Expand-ed) whose every element equals ``value``."""
+    node = producers.get(name)
+    if node is not None and node.op_type == "Expand":
+        name = node.input[0]
+    array = _constant(graph, producers, name)
+    return array is not None and bool(np.all(array == value))
+
+
+def _scores(graph, producers: dict, name: str):
+    """The Q @ K^T MatMul behind the Softmax input: directly, or plus a mask bias that is zero everywhere
+    (``Where(all-true mask, 0, -max)``: ViT's encoder passes SDPA such a constant mask)."""
+    node = producers.get(name)
+    if node is not None and node.op_type == "Add":
+        for scores, bias in (node.input, reversed(node.input)):
+            where = producers.get(bias)
+            if (
+                where is not None
+                and where.op_type == "Where"
+                and _all(graph, producers, where.input[0], True)
+                and _all(graph, producers, where.input[1], 0)
+            ):
+                return _scores(graph, producers, scores)
+        return None
+    return node if node is not None and node.op_type == "MatMul" else None
+
+
+def _weighted(graph, producers: dict, consumers: dict, softmax):
+    """The P @ V MatMul after the Softmax: directly, or behind torch's NaN guard for masked rows
+    (``Where(IsNaN(P), 0, P)``; no row is masked out when the mask is all true)."""
+    after = consumers.get(softmax.output[0], [])
+    if len(after) == 1 and after[0].op_type == "MatMul":
+        return after[0]
+    where = next((node for node in after if node.op_type == "Where"), None)
+    guard = producers.get(where.input[0]) if where is not None else None
+    if (
+        len(after) != 2
+        or guard is None
+        or guard.op_type != "IsNaN"
+        or list(guard.input) != [softmax.output[0]]
+        or where.input[2] != softmax.output[0]
+        or not _all(graph, producers, where.input[1], 0)
+    ):
+        return None
+    following = consumers.get(where.output[0], [])
+    return following[0] if len(following) == 1 and following[0].op_type == "MatMul" else None
+
+
 def _match(graph, producers: dict, consumers: dict, shapes: dict, softmax) -> dict | None:
-    """The SDPA subgraph ending at ``softmax``'s consumer, or None when it is not the exported form."""
-    scores, weighted = producers.get(softmax.input[0]), consumers.get(softmax.output[0], [])
-    if scores is None or scores.op_type != "MatMul" or len(weighted) != 1 or weighted[0].op_type != "MatMul":
+    """The SDPA subgraph around ``softmax``, or None when it is not the exported form."""
+    scores = _scores(graph, producers, softmax.input[0])
+    weighted = _weighted(graph, producers, consumers, softmax)
+    if scores is None or weighted is None:
         return None
     query, key_t = _scaled(graph, producers, scores.input[0]), _scaled(graph, producers, scores.input[1])
     key = _key(producers, key_t[0]) if key_t else None
     heads = _heads(shapes, query[0]) if query else None
     if key is None or heads is None:
         return None
-    return {"q": query[0], "k": key, "v": weighted[0].input[1], "out": weighted[0].output[0],
+    return {"q": query[0], "k": key, "v": weighted.input[1], "out": weighted.output[0],
             "scale": query[1] * key_t[1], "heads": heads}  # fmt: skip
 
 

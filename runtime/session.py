@@ -51,11 +51,18 @@ def providers_for(backend: str) -> list[str]:
     return list(wanted)
 
 
-def create_session(path: str | os.PathLike, options: RuntimeOptions) -> ort.InferenceSession:
+def create_session(
+    path: str | os.PathLike, options: RuntimeOptions, spinning: bool = True
+) -> ort.InferenceSession:
+    """A session for one graph. ``spinning=False`` stops its idle threads from busy-waiting for work:
+    for a graph run once before another session's (a captioner's encoder), whose threads would
+    otherwise spin on the cores the next graph needs."""
     settings = ort.SessionOptions()
     if options.threads is not None:
         settings.intra_op_num_threads = options.threads
         settings.inter_op_num_threads = 1
+    if not spinning:
+        settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
     settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Loading by path lets onnxruntime resolve external data relative to the graph, whatever the cwd.
     return ort.InferenceSession(os.fspath(path), settings, providers=providers_for(options.backend))

@@ -17,11 +17,12 @@ from modelkiln.manifest import read_manifest
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through SDPA, optionally with a boolean mask (left unfused)."""
+    """Multi-head self-attention through SDPA; ``mask``: None, "ones" (a constant all-true mask, as ViT
+    passes) or "causal" (a real mask, left unfused)."""
 
-    def __init__(self, width: int = 32, heads: int = 4, masked: bool = False):
+    def __init__(self, width: int = 32, heads: int = 4, mask: str | None = None):
         super().__init__()
-        self.heads, self.masked = heads, masked
+        self.heads, self.mask = heads, mask
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
 
     def forward(self, x):
@@ -29,7 +30,11 @@ class SelfAttention(nn.Module):
         q, k, v = (
             self.qkv(x).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         )  # [B, H, S, d] each
-        mask = torch.ones(s, s, dtype=torch.bool).tril() if self.masked else None
+        mask = {
+            "ones": torch.ones(1, 1, s, 1, dtype=torch.bool),
+            "causal": torch.ones(s, s, dtype=torch.bool).tril(),
+        }
+        mask = mask.get(self.mask)
         y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, s, w))  # [B, S, H*d]
 
@@ -54,9 +59,10 @@ def _run(path, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-def test_fused_graph_matches_torch_and_the_unfused_graph(tmp_path):
+@pytest.mark.parametrize("mask", [None, "ones"])
+def test_fused_graph_matches_torch_and_the_unfused_graph(tmp_path, mask):
     torch.manual_seed(0)
-    module = SelfAttention()
+    module = SelfAttention(mask=mask)
     fused_spec, fused = _export(tmp_path, module, fuse=True)
     _, plain = _export(tmp_path, module, fuse=False)
     assert fused_spec.fused == {"MultiHeadAttention": 1}
@@ -72,7 +78,7 @@ def test_fused_graph_matches_torch_and_the_unfused_graph(tmp_path):
 
 
 def test_masked_attention_is_left_alone(tmp_path):
-    spec, path = _export(tmp_path, SelfAttention(masked=True), fuse=True)
+    spec, path = _export(tmp_path, SelfAttention(mask="causal"), fuse=True)
     assert spec.fused == {"MultiHeadAttention": 0}
     assert _ops(path)["Softmax"] == 1
     assert fuse_attention(onnx.load(str(path))) == 0
@@ -91,3 +97,13 @@ def test_diffusion_transformers_are_fused_and_the_option_turns_it_off(tiny_diffu
     assert all(opset.domain in ("", "ai.onnx") for opset in plain_graph.opset_import)
     # The text encoders' causal masks keep their attention unfused; they do not declare fusion anyway.
     assert read_manifest(fused).components["text_encoder"].fused == {}
+
+
+def test_captioner_encoders_are_fused(vit_gpt2_artifact):
+    """ViT passes SDPA a constant all-true mask; the fusion drops it. Validation covers the numbers."""
+    from modelkiln.exporters.source import resolve_source
+
+    source, artifact = vit_gpt2_artifact
+    layers = resolve_source(str(source)).config["encoder"]["num_hidden_layers"]
+    assert read_manifest(artifact).components["encoder"].fused == {"MultiHeadAttention": layers}
+    assert _ops(artifact / "encoder.onnx")["Softmax"] == 0

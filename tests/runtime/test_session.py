@@ -24,3 +24,19 @@ def test_gpu_backend_without_its_provider_names_the_install(backend, monkeypatch
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(KilnError, match=r"pip install|onnxruntime-gpu"):
         providers_for(backend)
+
+
+def test_captioner_encoder_threads_do_not_spin(small_artifact):
+    """The encoder runs once, right before the decoder's first step: its idle threads must not
+    busy-wait on the cores that step needs. The decoder, called step after step, keeps spinning."""
+    from modelkiln import runtime
+
+    def spinning(session) -> str:
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return "default"
+
+    sessions = runtime.load(small_artifact).sessions
+    assert spinning(sessions["encoder"]) == "0"
+    assert spinning(sessions["decoder"]) == "default"
