@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .report import _mb, _ms, _table, _times, machine_info
+from .report import _mb, _ms, _table, _times, machine_info, write_report_files
 
 # Issue 6's targets: (what, variant, figure of derived(), limit); higher is better for each.
 TARGETS = (
@@ -236,15 +236,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _plots(report: dict, out: Path) -> list[Path]:
+    from .diffusion_plots import write_diffusion_plots  # matplotlib: imported only when plots are asked for
+
+    return write_diffusion_plots(report, out)
+
+
 def write_diffusion_reports(report: dict, out: Path, plots: bool) -> list[Path]:
     """report.json, report.md and (with matplotlib) PNG plots; returns the files written."""
-    out.mkdir(parents=True, exist_ok=True)
     report["targets"] = check_targets(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
-    written = [out / "report.json", out / "report.md"]
-    if plots:
-        from .diffusion_plots import write_diffusion_plots
-
-        written += write_diffusion_plots(report, out)
-    return written
+    return write_report_files(report, out, markdown, _plots if plots else None)

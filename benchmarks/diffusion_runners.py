@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from .runners import timed_calls
 
 DENOISERS = ("transformer", "unet")  # the denoiser's component name in the families' pipelines
 # Graph (or module) name -> stage of the report; every text encoder counts as "text_encoders".
@@ -65,17 +66,6 @@ def make_job(image: np.ndarray, total_s: float, calls: list[tuple[str, float]]) 
     )
 
 
-def _timed(method, name: str, calls: list[tuple[str, float]]):
-    def run(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            calls.append((name, time.perf_counter() - start))
-
-    return run
-
-
 def quiet_loading() -> None:
     """No per-component loading bars and tokenizer-length notes between the benchmark's progress lines."""
     import diffusers
@@ -99,7 +89,7 @@ class OrtDiffusionRunner:
         self.calls: list[tuple[str, float]] = []
         # Instance attributes shadow the class methods, so every caller inside the pipeline is timed.
         for name, session in self.pipe.sessions.items():
-            session.run = _timed(session.run, name, self.calls)
+            session.run = timed_calls(session.run, name, self.calls)
 
     def run(self, prompt: str, latents, callback: Progress | None = None) -> ImageJob:
         s = self.settings
@@ -132,7 +122,7 @@ class EagerDiffusionRunner:
         self.calls: list[tuple[str, float]] = []
         for name in (*self.text_encoders(), self.denoiser_name()):
             self._hook(name, getattr(self.pipe, name))
-        self.pipe.vae.decode = _timed(self.pipe.vae.decode, "vae_decoder", self.calls)
+        self.pipe.vae.decode = timed_calls(self.pipe.vae.decode, "vae_decoder", self.calls)
 
     def text_encoders(self) -> list[str]:
         components = self.pipe.components.items()

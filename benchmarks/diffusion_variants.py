@@ -16,7 +16,7 @@ from pathlib import Path
 
 from modelkiln.manifest import read_manifest
 
-from .variants import Variant, _export, _reusable, check_schemes, label
+from .variants import Variant, _reusable, label, prepare_variants
 
 QUALITY_PROMPTS = 1  # kiln quantize's own check: one prompt ...
 QUALITY_STEPS = 1  # ... one step ...
@@ -55,15 +55,5 @@ def _quantize(parent: Path, scheme: str, directory: Path, log: Callable[[str], N
 def prepare_diffusion_variants(
     source: str, schemes: tuple[str, ...], given: tuple[str, ...], work_dir: Path, log: Callable[[str], None]
 ) -> list[Variant]:
-    """The given directories, then (with schemes, or when none is given) the fp32 export and its children."""
-    check_schemes(schemes)
-    variants = [Variant(label(Path(d)), Path(d).absolute()) for d in given]
-    if schemes or not given:
-        fp32 = _export(source, work_dir / "onnx-fp32", log)
-        variants.append(Variant("onnx-fp32", fp32))
-        variants += [Variant(s, _quantize(fp32, s, work_dir / s, log)) for s in schemes]
-    names = [variant.name for variant in variants]
-    # Two variants with one label (e.g. two int8 exports) keep apart by their folder names.
-    return [
-        Variant(v.name if names.count(v.name) == 1 else f"{v.name} ({v.path.name})", v.path) for v in variants
-    ]
+    """``variants.prepare_variants`` with this module's cut-down quantization."""
+    return prepare_variants(source, schemes, given, work_dir, log, quantize=_quantize)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -229,15 +230,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_report_files(
+    report: dict, out: Path, text: Callable[[dict], str], plot: Callable[[dict, Path], list[Path]] | None
+) -> list[Path]:
+    """report.json, report.md (``text(report)``) and ``plot``'s PNGs into ``out``; the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(text(report))
+    return [out / "report.json", out / "report.md", *(plot(report, out) if plot else [])]
+
+
+def _plots(report: dict, out: Path) -> list[Path]:
+    from .plots import write_plots  # matplotlib: imported only when plots are asked for
+
+    return write_plots(report, out)
+
+
 def write_reports(report: dict, out: Path, plots: bool) -> list[Path]:
     """report.json, report.md and (with matplotlib) PNG plots; returns the files written."""
-    out.mkdir(parents=True, exist_ok=True)
     report["targets"] = check_targets(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
-    written = [out / "report.json", out / "report.md"]
-    if plots:
-        from .plots import write_plots
-
-        written += write_plots(report, out)
-    return written
+    return write_report_files(report, out, markdown, _plots if plots else None)

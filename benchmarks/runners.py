@@ -42,7 +42,9 @@ def stage_times(preprocess_s: float, calls: list[tuple[str, float]]) -> dict[str
     return stages
 
 
-def _timed(method, name: str, calls: list[tuple[str, float]]):
+def timed_calls(method, name: str, calls: list[tuple[str, float]]):
+    """``method`` wrapped to append (name, seconds) to ``calls`` on every call."""
+
     def run(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
@@ -73,8 +75,8 @@ class OrtRunner:
         self.calls: list[tuple[str, float]] = []
         # Instance attributes shadow the class methods, so every caller inside the pipeline is timed.
         for name, session in getattr(self.pipe, "sessions", {}).items():
-            session.run = _timed(session.run, name, self.calls)
-            session.run_with_ort_values = _timed(session.run_with_ort_values, name, self.calls)
+            session.run = timed_calls(session.run, name, self.calls)
+            session.run_with_ort_values = timed_calls(session.run_with_ort_values, name, self.calls)
 
     def run(self, image) -> Job:
         self.calls.clear()

@@ -73,15 +73,21 @@ def check_schemes(schemes: tuple[str, ...]) -> None:
 
 
 def prepare_variants(
-    source: str, schemes: tuple[str, ...], given: tuple[str, ...], work_dir: Path, log: Callable[[str], None]
+    source: str,
+    schemes: tuple[str, ...],
+    given: tuple[str, ...],
+    work_dir: Path,
+    log: Callable[[str], None],
+    quantize: Callable[[Path, str, Path, Callable[[str], None]], Path] = _quantize,
 ) -> list[Variant]:
-    """The given directories, then (with schemes, or when none is given) the fp32 export and its children."""
+    """The given directories, then (with schemes, or when none is given) the fp32 export and its
+    children, each made by ``quantize(parent, scheme, directory, log)`` unless already there."""
     check_schemes(schemes)
     variants = [Variant(label(Path(d)), Path(d).absolute()) for d in given]
     if schemes or not given:
         fp32 = _export(source, work_dir / "onnx-fp32", log)
         variants.append(Variant("onnx-fp32", fp32))
-        variants += [Variant(s, _quantize(fp32, s, work_dir / s, log)) for s in schemes]
+        variants += [Variant(s, quantize(fp32, s, work_dir / s, log)) for s in schemes]
     names = [variant.name for variant in variants]
     # Two variants with one label (e.g. two int8 exports) keep apart by their folder names.
     return [

@@ -31,7 +31,8 @@ def _constant(graph: onnx.GraphProto, producers: dict, name: str) -> np.ndarray 
     if node is not None and node.op_type == "Constant":
         return numpy_helper.to_array(node.attribute[0].t)
     for init in graph.initializer:
-        if init.name == name:
+        # Weights in external data are not loaded here, and no scale or mask constant is that large.
+        if init.name == name and init.data_location != onnx.TensorProto.EXTERNAL:
             return numpy_helper.to_array(init)
     return None
 

@@ -57,10 +57,12 @@ def cross_attention_components(
     cache: CacheShape,
     vocab_size: int,
     positions: bool,
+    fuse_encoder_attention: bool = False,
 ) -> list[Component]:
     """Encoder (image -> per-layer cross K/V) and cached decoder step, for cross-attention captioners.
 
     ``positions``: whether the decoder step takes ``position_ids`` (GPT-2) or derives them (BLIP).
+    ``fuse_encoder_attention``: the encoder's attention is SDPA the fusion matches (ViT; BLIP's is not).
     """
     cross_names = cache_names("cross_attention", cache.layers)
     with torch.no_grad():
@@ -93,8 +95,7 @@ def cross_attention_components(
             example_inputs={"pixel_values": pixel_values},
             output_names=tuple(cross_names),
             dynamic_axes={"pixel_values": batch_axis, **{name: batch_axis for name in cross_names}},
-            # ViT-B/16 at 224 px: 1.07x fp32, 1.19x int8 per encoder call (benchmarks/results/vit-gpt2-full).
-            fuse_attention=True,
+            fuse_attention=fuse_encoder_attention,
         ),
         Component(
             name="decoder",

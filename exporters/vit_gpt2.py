@@ -136,9 +136,12 @@ def build_components(model: nn.Module) -> list[Component]:
     cache = CacheShape(config.n_layer, config.n_head, config.n_embd // config.n_head)
     pixel_values = torch.rand(2, *_image_shape(model))
     step = GPT2CachedDecoderStep(model)
+    # Fused attention: ViT-B/16 at 224 px, 1.07x fp32 and 1.19x int8 per encoder call (see
+    # benchmarks/results/vit-gpt2-full/notes.md).
     return cross_attention_components(
-        ViTCrossKVEncoder(model), step, pixel_values, cache, config.vocab_size, positions=True
-    )
+        ViTCrossKVEncoder(model), step, pixel_values, cache, config.vocab_size, positions=True,
+        fuse_encoder_attention=True,
+    )  # fmt: skip
 
 
 def runtime_config(model: nn.Module) -> dict:

@@ -85,18 +85,22 @@ def test_masked_attention_is_left_alone(tmp_path):
 
 
 @pytest.mark.parametrize("name,layers", [("sd3.5-medium", 3), ("flux-dev", 2)])
-def test_diffusion_transformers_are_fused_and_the_option_turns_it_off(tiny_diffusion, name, layers):
+def test_diffusion_transformers_are_fused(tiny_diffusion, name, layers):
     """SD3.5-Medium-style: 2 joint blocks, the first with a second (dual) attention; Flux: one double-
     and one single-stream block. Validation against PyTorch covers the fused graphs' numbers."""
     _, fused = tiny_diffusion(name)
-    _, plain = tiny_diffusion(name, fuse_attention=False)
     assert read_manifest(fused).components["transformer"].fused == {"MultiHeadAttention": layers}
-    assert read_manifest(plain).components["transformer"].fused == {}
     assert _ops(fused / "transformer.onnx")["MultiHeadAttention"] == layers
-    plain_graph = onnx.load(str(plain / "transformer.onnx"))
-    assert all(opset.domain in ("", "ai.onnx") for opset in plain_graph.opset_import)
     # The text encoders' causal masks keep their attention unfused; they do not declare fusion anyway.
     assert read_manifest(fused).components["text_encoder"].fused == {}
+
+
+def test_no_fuse_attention_keeps_standard_ops(tiny_diffusion):
+    _, plain = tiny_diffusion("sd3.5-medium", fuse_attention=False)
+    assert read_manifest(plain).components["transformer"].fused == {}
+    graph = onnx.load(str(plain / "transformer.onnx"))
+    assert all(opset.domain in ("", "ai.onnx") for opset in graph.opset_import)
+    assert "MultiHeadAttention" not in _ops(plain / "transformer.onnx")
 
 
 def test_captioner_encoders_are_fused(vit_gpt2_artifact):
