@@ -11,7 +11,7 @@ import pytest
 
 from modelkiln.benchmarks import peers
 from modelkiln.benchmarks.harness import EAGER, BenchConfig, Measured, Timings, variant_row
-from modelkiln.benchmarks.report import write_reports
+from modelkiln.benchmarks.report import targets_table, write_reports
 from modelkiln.benchmarks.runners import Job, stage_times
 from modelkiln.cli import main
 
@@ -182,3 +182,13 @@ def test_peer_skips_a_family_it_cannot_run_without_a_venv(monkeypatch, tmp_path)
     monkeypatch.setattr(peers, "ensure_venv", lambda *args: pytest.fail("no venv for a family it cannot run"))
     setups, notes = peers.prepare_peers(("optimum",), "blip-src", tmp_path, tmp_path, lambda message: None)
     assert setups == [] and notes == [peers.not_run("optimum", "blip")] and not notes[0]["ran"]
+
+
+def test_targets_table_says_how_far_a_miss_is():
+    checks = [
+        {"target": "int8 end-to-end speed-up vs eager", "limit": 3, "value": 2.9, "met": False},
+        {"target": "int4 size vs fp32 ONNX", "limit": 0.2, "value": 0.18, "met": True},
+    ]
+    table = targets_table(checks)
+    assert "| int8 end-to-end speed-up vs eager | 3 | 2.900 | MISSED | 0.100 beyond the limit |" in table
+    assert "| int4 size vs fp32 ONNX | 0.2 | 0.180 | met | - |" in table
