@@ -209,6 +209,26 @@ class TextToImagePipeline(abc.ABC):
 
     # -- helpers for the families -----------------------------------------------------------------
 
+    # Classifier-free guidance as SD3 and SD 1.x run it: negative and positive prompts in one batch,
+    # the two predictions combined after the call (Flux-dev takes guidance as an embedding instead).
+    def guided(self, request: Request) -> bool:
+        return request.guidance_scale > 1
+
+    def guided_texts(self, request: Request) -> list[str]:
+        """The prompts the text encoders see: negatives first when guided."""
+        return request.negatives + request.prompts if self.guided(request) else request.prompts
+
+    def guided_input(self, request: Request, latents: torch.Tensor) -> torch.Tensor:
+        """The latents once per prompt half: [2B, ...] when guided, else as they are."""
+        return torch.cat([latents] * 2) if self.guided(request) else latents
+
+    def apply_guidance(self, request: Request, noise: torch.Tensor) -> torch.Tensor:
+        """One prediction from the (negative, positive) halves of a guided call."""
+        if not self.guided(request):
+            return noise
+        uncond, text = noise.chunk(2)
+        return uncond + request.guidance_scale * (text - uncond)
+
     def tokenize(self, folder: str, texts: list[str], length: int) -> np.ndarray:
         """Token ids padded and truncated to ``length``, as the diffusers pipelines tokenize."""
         if folder not in self._tokenizers:

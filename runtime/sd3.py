@@ -36,9 +36,6 @@ class SD3Pipeline(TextToImagePipeline):
                 f"embedding allows ({largest} px per side). Use sides of at most {largest}."
             )
 
-    def guided(self, request: Request) -> bool:
-        return request.guidance_scale > 1
-
     def _encode_texts(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
         pooled, hidden = [], []
         for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
@@ -56,7 +53,7 @@ class SD3Pipeline(TextToImagePipeline):
         return np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1)  # [B, 77 + L, D], [B, P]
 
     def encode(self, request: Request) -> dict[str, np.ndarray]:
-        texts = request.negatives + request.prompts if self.guided(request) else request.prompts
+        texts = self.guided_texts(request)
         states, pooled = self._encode_texts(texts, request.max_sequence_length)
         copies = request.images_per_prompt
         return {
@@ -96,16 +93,12 @@ class SD3Pipeline(TextToImagePipeline):
         return timesteps
 
     def step(self, request: Request, condition: dict, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        guided = self.guided(request)
-        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = self.guided_input(request, latents)
         (noise,) = self.run(
             "transformer",
             hidden_states=model_input.numpy(),
             timestep=np.full(model_input.shape[0], float(t), dtype=np.float32),
             **condition,
         )
-        noise = torch.from_numpy(noise)
-        if guided:
-            uncond, text = noise.chunk(2)
-            noise = uncond + request.guidance_scale * (text - uncond)
+        noise = self.apply_guidance(request, torch.from_numpy(noise))
         return self.scheduler.step(noise, t, latents, return_dict=False)[0]

@@ -27,11 +27,8 @@ class StableDiffusionPipeline(TextToImagePipeline):
         # The graph was traced on latents that divide by the UNet's upsampling; other sizes would not fit.
         return self.config["vae_scale_factor"] * self.config["unet_size_multiple"]
 
-    def guided(self, request: Request) -> bool:
-        return request.guidance_scale > 1
-
     def encode(self, request: Request) -> dict[str, np.ndarray]:
-        texts = request.negatives + request.prompts if self.guided(request) else request.prompts
+        texts = self.guided_texts(request)
         (states,) = self.run("text_encoder", input_ids=self.tokenize("tokenizer", texts, CLIP_LENGTH))
         # Negatives then prompts, each repeated per image, as diffusers concatenates them.
         return {"encoder_hidden_states": np.repeat(states, request.images_per_prompt, axis=0)}
@@ -63,8 +60,7 @@ class StableDiffusionPipeline(TextToImagePipeline):
         return {name: value for name, value in candidates.items() if name in accepted}
 
     def step(self, request: Request, condition: dict, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        guided = self.guided(request)
-        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = self.guided_input(request, latents)
         if hasattr(self.scheduler, "scale_model_input"):
             model_input = self.scheduler.scale_model_input(model_input, t)
         (noise,) = self.run(
@@ -73,8 +69,5 @@ class StableDiffusionPipeline(TextToImagePipeline):
             timestep=np.full(model_input.shape[0], float(t), dtype=np.float32),
             **condition,
         )
-        noise = torch.from_numpy(noise)
-        if guided:
-            uncond, text = noise.chunk(2)
-            noise = uncond + request.guidance_scale * (text - uncond)
+        noise = self.apply_guidance(request, torch.from_numpy(noise))
         return self.scheduler.step(noise, t, latents, **self.step_kwargs(request), return_dict=False)[0]
