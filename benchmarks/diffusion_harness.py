@@ -28,6 +28,7 @@ from modelkiln.errors import KilnError
 from .diffusion_measure import EAGER
 from .diffusion_roofline import RateProbe
 from .diffusion_runners import EagerDiffusionRunner, Generation, ImageJob, OrtDiffusionRunner
+from .harness import model_or_preset
 from .variants import Variant
 
 LATENT_SEEDS = 90_000  # initial latents of the benchmark prompts: away from quantize and validation seeds
@@ -94,14 +95,9 @@ def resolve_diffusion_source(config: DiffusionBenchConfig, log: Callable[[str], 
     """The source pipeline path: --model as given, or the preset built under the work dir."""
     from .diffusion_presets import DIFFUSION_PRESETS, build_diffusion_preset
 
-    if (config.model is None) == (config.preset is None):
-        raise KilnError("give exactly one of --model SRC or --preset {tiny,full}.")
-    if config.model is not None:
-        return config.model
-    if config.preset not in DIFFUSION_PRESETS:
-        raise KilnError(f"--preset {config.preset}: unknown. Valid presets: {', '.join(DIFFUSION_PRESETS)}.")
-    log(f"preset {config.preset}: building or reusing it under {config.artifacts_dir}")
-    return str(build_diffusion_preset(config.preset, config.artifacts_dir))
+    return model_or_preset(
+        config.model, config.preset, DIFFUSION_PRESETS, build_diffusion_preset, config.artifacts_dir, log
+    )
 
 
 def generation_settings(config: DiffusionBenchConfig, fp32: Variant) -> Generation:

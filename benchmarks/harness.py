@@ -68,18 +68,30 @@ class BenchConfig:
         return self.peers_dir or default_root()
 
 
+def model_or_preset(
+    model: str | None,
+    preset: str | None,
+    presets: dict,
+    build: Callable[[str, Path], Path],
+    artifacts_dir: Path,
+    log: Callable[[str], None],
+) -> str:
+    """--model as given, or ``build(preset, artifacts_dir)``: the preset's source built (or reused)."""
+    if (model is None) == (preset is None):
+        raise KilnError("give exactly one of --model SRC or --preset {tiny,full}.")
+    if model is not None:
+        return model
+    if preset not in presets:
+        raise KilnError(f"--preset {preset}: unknown. Valid presets: {', '.join(presets)}.")
+    log(f"preset {preset}: building or reusing it under {artifacts_dir}")
+    return str(build(preset, artifacts_dir))
+
+
 def resolve_source(config: BenchConfig, log: Callable[[str], None]) -> str:
     """The source model path: --model as given, or the preset built under the work dir."""
-    if (config.model is None) == (config.preset is None):
-        raise KilnError("give exactly one of --model SRC or --preset {tiny,full}.")
-    if config.model is not None:
-        return config.model
     from .presets import PRESETS, build_preset
 
-    if config.preset not in PRESETS:
-        raise KilnError(f"--preset {config.preset}: unknown. Valid presets: {', '.join(PRESETS)}.")
-    log(f"preset {config.preset}: building or reusing it under {config.artifacts_dir}")
-    return str(build_preset(config.preset, config.artifacts_dir))
+    return model_or_preset(config.model, config.preset, PRESETS, build_preset, config.artifacts_dir, log)
 
 
 def _check(config: BenchConfig) -> None:
