@@ -250,10 +250,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from modelkiln.manifest import read_manifest, verify_files
+    from modelkiln.manifest import extra_files, read_manifest, verify_files
 
     manifest = read_manifest(args.artifact)
-    problems = verify_files(args.artifact, manifest)
+    problems = verify_files(args.artifact, manifest)  # the files the runtime may open; refuses escapes
     for problem in problems:
         console.print(f"  {problem}")
     if problems:
@@ -261,6 +261,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"{args.artifact}: {len(problems)} file(s) differ from the manifest. "
             "Re-export or re-copy the artifact."
         )
+    for name in extra_files(args.artifact, manifest):  # informational: the runtime never opens these
+        console.print(f"  extra: {escape(name)} (not in the manifest; never opened)")
     console.print(f"all {len(manifest.files)} files match the manifest")
     _next(f"kiln caption {args.artifact} IMAGE")
     return 0

@@ -6,6 +6,10 @@ without one is never a finished artifact::
 
     manifest = read_manifest("out/vit-gpt2")        # ArtifactError if it is not an artifact
     problems = verify_files("out/vit-gpt2", manifest)  # [] when every file matches its sha256
+    extra_files("out/vit-gpt2", manifest)              # files it does not list: never opened
+
+Every path the manifest and its graphs name is confined to the artifact (modelkiln.confine) and
+every file the runtime opens is listed here with its sha256.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modelkiln.confine import FIX, confined_name, graph_external_files
 from modelkiln.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
@@ -140,36 +145,93 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _disk_files(root: Path) -> list[str]:
+    """Relative POSIX names of the files under ``root`` (symlinks to files included), without entering
+    symlinked folders, so a link to ``/`` inside an artifact is never walked."""
+    names = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        base = Path(folder)
+        names += [(base / f).relative_to(root).as_posix() for f in files if (base / f).is_file()]
+    return sorted(names)
+
+
 def hash_files(directory: str | os.PathLike) -> dict[str, str]:
     """sha256 of every file in the directory tree except the manifest, keyed by relative POSIX path."""
     root = Path(directory)
-    return {
-        path.relative_to(root).as_posix(): sha256_file(path)
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_NAME
-    }
+    return {name: sha256_file(root / name) for name in _disk_files(root) if name != MANIFEST_NAME}
+
+
+def extra_files(artifact_dir: str | os.PathLike, manifest: Manifest) -> list[str]:
+    """Files in the directory that the manifest does not list: the runtime never opens them."""
+    return [
+        name
+        for name in _disk_files(Path(artifact_dir))
+        if name != MANIFEST_NAME and name not in manifest.files
+    ]
+
+
+def _require_listed(manifest: Manifest, name: str, what: str, where: Path) -> None:
+    if name not in manifest.files:
+        raise ArtifactError(
+            f"{where}: {what} names {name!r}, which the manifest's files list does not hash, so it "
+            f"cannot be checked. {FIX}."
+        )
+
+
+def check_names(artifact_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Refuse, before any file is opened, a manifest naming a path outside the artifact or a graph
+    file its files list does not hash (see modelkiln.confine)."""
+    where = Path(artifact_dir) / MANIFEST_NAME
+    for component, spec in manifest.components.items():
+        for key, name in (("file", spec.file), ("external_data", spec.external_data)):
+            if key == "file" or name is not None:
+                what = f"component {component!r} {key}"
+                _require_listed(manifest, confined_name(name, what, where), what, where)
+    for name in manifest.files:
+        confined_name(name, "the files list", where)
+
+
+def check_graph_references(artifact_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Refuse a graph whose external data is outside the artifact or not hashed by the manifest. Reads
+    only the graph's protobuf structure, before onnxruntime opens it; absent graphs are skipped."""
+    directory = Path(artifact_dir)
+    for spec in manifest.components.values():
+        if (directory / spec.file).is_file():
+            for name in graph_external_files(spec.file, directory / spec.file):
+                _require_listed(manifest, name, "its external data", directory / spec.file)
 
 
 def verify_files(artifact_dir: str | os.PathLike, manifest: Manifest) -> list[str]:
-    """Every difference between the directory and the manifest's file hashes, as readable lines."""
-    actual = hash_files(artifact_dir)
-    problems = [f"missing: {name}" for name in manifest.files if name not in actual]
-    problems += [
-        f"changed: {name} (sha256 {actual[name][:12]}..., manifest says {digest[:12]}...)"
-        for name, digest in manifest.files.items()
-        if name in actual and actual[name] != digest
-    ]
-    problems += [f"unexpected: {name} (not in the manifest)" for name in actual if name not in manifest.files]
+    """Every difference between the files the manifest lists (all the runtime may open) and the
+    directory, as readable lines; ArtifactError if the manifest or a graph names a path it must not.
+    Files the manifest does not list are not differences: see ``extra_files``."""
+    directory = Path(artifact_dir)
+    check_names(directory, manifest)
+    problems = _missing(directory, manifest)
+    for name, digest in manifest.files.items():
+        if (directory / name).is_file() and (actual := sha256_file(directory / name)) != digest:
+            problems.append(f"changed: {name} (sha256 {actual[:12]}..., manifest says {digest[:12]}...)")
+    if not problems:
+        check_graph_references(directory, manifest)
     return problems
 
 
+def _missing(directory: Path, manifest: Manifest) -> list[str]:
+    return [f"missing: {name}" for name in manifest.files if not (directory / name).is_file()]
+
+
 def require_intact(artifact_dir: str | os.PathLike, manifest: Manifest, hashes: bool = True) -> None:
-    """Raise ArtifactError unless every manifest file is there (and, with ``hashes``, unchanged)."""
+    """Raise ArtifactError unless every path named is confined and every manifest file is there (and,
+    with ``hashes``, unchanged). What ``kiln verify`` checks is what this checks, with ``hashes``."""
     directory = Path(artifact_dir)
     if hashes:
         problems = verify_files(directory, manifest)
     else:
-        problems = [f"missing: {name}" for name in manifest.files if not (directory / name).is_file()]
+        check_names(directory, manifest)
+        problems = _missing(directory, manifest)
+        if not problems:
+            check_graph_references(directory, manifest)
     if problems:
         raise ArtifactError(
             f"{directory} does not match its manifest: {'; '.join(problems)}. "

@@ -6,17 +6,24 @@
     pipe(["a.jpg", "b.png"], num_beams=4)  # [[{...}], [{...}]]
 
 ``load`` reads the manifest, checks the files against it and returns the pipeline the artifact's
-family registers. Nothing here imports torch or transformers' modeling code, except for artifacts of
-kind "torch" (bitsandbytes variants), which run on transformers (captioners) or diffusers (text-to-image).
+family registers. Every path the manifest and its graphs name must stay inside the artifact and be
+hashed by the manifest (modelkiln.confine); files it does not list (a ``.DS_Store``, a README) are left
+out of what the pipeline sees, so the runtime opens listed files only. Nothing here imports torch or
+transformers' modeling code, except for artifacts of kind "torch" (bitsandbytes variants), which run on
+transformers (captioners) or diffusers (text-to-image).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
-from modelkiln.manifest import read_manifest, require_intact
+from modelkiln.errors import ArtifactError
+from modelkiln.manifest import Manifest, extra_files, read_manifest, require_intact
 from modelkiln.registry import get_family
 
 from .session import BACKENDS, RuntimeOptions
@@ -45,6 +52,36 @@ def load(
     require_intact(directory, manifest, hashes=verify)
     options = RuntimeOptions(backend=backend, threads=threads, verify=verify)
     if manifest.kind == "torch":
-        return torch_pipeline_class(manifest.family)(directory, manifest, options)
-    pipeline_class = get_family(manifest.family).load_pipeline_class()
-    return pipeline_class(directory, manifest, options)
+        pipeline_class = torch_pipeline_class(manifest.family)
+    else:
+        pipeline_class = get_family(manifest.family).load_pipeline_class()
+    if not extra_files(directory, manifest):
+        return pipeline_class(directory, manifest, options)
+    view = listed_view(directory, manifest)
+    try:
+        pipeline = pipeline_class(view, manifest, options)
+    except BaseException:
+        shutil.rmtree(view, ignore_errors=True)
+        raise
+    weakref.finalize(pipeline, shutil.rmtree, view, True)
+    return pipeline
+
+
+def listed_view(directory: Path, manifest: Manifest) -> Path:
+    """A temporary folder of symlinks to the files the manifest lists, and nothing else.
+
+    Pipelines open files by fixed names and libraries load whole folders (tokenizers, diffusers), so a
+    file the manifest does not list (unhashed) could otherwise be read: run from this view, they can
+    only see listed files. The names were checked to be confined by require_intact."""
+    view = Path(tempfile.mkdtemp(prefix=f"kiln-{directory.name}-"))
+    try:
+        for name in manifest.files:
+            (view / name).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(directory / name, view / name)
+    except OSError as error:
+        shutil.rmtree(view, ignore_errors=True)
+        raise ArtifactError(
+            f"{directory} holds files its manifest does not list ({', '.join(extra_files(directory, manifest)[:3])}"
+            f"...), and a view without them cannot be made here ({error}). Remove those files."
+        ) from error
+    return view

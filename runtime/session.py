@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import onnxruntime as ort
 
+from modelkiln.confine import confined_name, external_data_locations
 from modelkiln.errors import KilnError
 
 # Backend name -> onnxruntime execution providers, in preference order. CPU stays last so that
@@ -51,12 +52,21 @@ def providers_for(backend: str) -> list[str]:
     return list(wanted)
 
 
+def check_external_data(path: str | os.PathLike) -> None:
+    """Refuse a graph whose external data lies outside its folder (absolute, ``..``), before
+    onnxruntime opens any of it: ``load`` also checks each is hashed by the manifest, this guards
+    every other caller (quantizers, benchmarks)."""
+    for location in external_data_locations(path):
+        confined_name(location, "its external data", where=os.fspath(path))
+
+
 def create_session(
     path: str | os.PathLike, options: RuntimeOptions, spinning: bool = True
 ) -> ort.InferenceSession:
     """A session for one graph. ``spinning=False`` stops its idle threads from busy-waiting for work:
     for a graph run once before another session's (a captioner's encoder), whose threads would
     otherwise spin on the cores the next graph needs."""
+    check_external_data(path)
     settings = ort.SessionOptions()
     if options.threads is not None:
         settings.intra_op_num_threads = options.threads

@@ -1,0 +1,264 @@
+"""Artifact confinement: nothing outside an artifact is ever read, and stray files never stop it.
+
+Each tamper case is made the way an attacker who can also rewrite the manifest's hashes would make it
+(the tampered files are re-hashed into manifest.json), so only confinement stands in the way. Every
+refusal is checked for runtime.load, `kiln caption` / `kiln generate` and `kiln verify`: a one-line
+error naming the offending entry, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from modelkiln import runtime
+from modelkiln.cli import main
+from modelkiln.errors import ArtifactError
+from modelkiln.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_files
+
+IMAGE = (np.arange(40 * 30 * 3) % 255).astype(np.uint8).reshape(40, 30, 3)
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_diffusion):
+    """A tiny SD 1.x text-to-image artifact, exported once for the session."""
+    return tiny_diffusion("sd1")[1]
+
+
+@pytest.fixture()
+def captioner(small_artifact, tmp_path):
+    """A private copy of the tiny captioner (external data on), free to tamper with."""
+    return Path(shutil.copytree(small_artifact, tmp_path / "art"))
+
+
+@pytest.fixture()
+def image_file(tmp_path):
+    path = tmp_path / "image.png"
+    Image.fromarray(IMAGE).save(path)
+    return path
+
+
+def edit_manifest(artifact: Path, edit) -> None:
+    """Apply ``edit`` to manifest.json's data, then re-hash every file it lists, as an attacker could."""
+    path = artifact / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    edit(data)
+    data["files"] = {name: _hash_or_stale(artifact / name, digest) for name, digest in data["files"].items()}
+    path.write_text(json.dumps(data))
+
+
+def _hash_or_stale(path: Path, digest: str) -> str:
+    # Paths outside the folder are hashed too: the attacker lists them with their true hashes.
+    return sha256_file(path) if os.path.isfile(path) else digest
+
+
+def refusals(artifact: Path, argv: list[str], capsys) -> list[str]:
+    """The error of runtime.load, of the CLI command ``argv`` and of `kiln verify`, each one line."""
+    with pytest.raises(ArtifactError) as caught:
+        runtime.load(artifact)
+    messages = [str(caught.value)]
+    for command in (argv, ["verify", str(artifact)]):
+        code = main(command)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (command, err)
+        assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+        messages.append(err)
+    assert all("\n" not in message for message in messages)
+    return messages
+
+
+def caption_argv(artifact: Path, image_file: Path) -> list[str]:
+    return ["caption", str(artifact), str(image_file), "--max-new-tokens", "3"]
+
+
+def outside_copy(artifact: Path, name: str) -> Path:
+    """A copy of one of the artifact's graphs in a folder beside it (a valid graph: only the path is bad)."""
+    outside = artifact.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    return Path(shutil.copy(artifact / name, outside / "evil.onnx"))
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "etc-passwd", "dotdot-etc-passwd", "inner-dotdot"])
+def test_component_outside_the_artifact_is_refused(captioner, image_file, capsys, kind):
+    decoder = read_manifest(captioner).components["decoder"]
+    evil = outside_copy(captioner, decoder.file)
+    name = {
+        "dotdot": "../outside/evil.onnx",
+        "absolute": str(evil),
+        "etc-passwd": "/etc/passwd",
+        "dotdot-etc-passwd": "../../../../../../etc/passwd",
+        "inner-dotdot": "tokenizer/../../outside/evil.onnx",
+    }[kind]
+
+    def edit(data):
+        data["components"]["decoder"]["file"] = name
+        data["components"]["decoder"]["external_data"] = None
+        data["files"][name] = "0" * 64
+
+    edit_manifest(captioner, edit)
+    for message in refusals(captioner, caption_argv(captioner, image_file), capsys):
+        assert "component 'decoder' file" in message and repr(name) in message and "refused" in message
+
+
+def test_component_not_hashed_by_the_manifest_is_refused(captioner, image_file, capsys):
+    shutil.copy(captioner / "decoder.onnx", captioner / "stray.onnx")
+    edit_manifest(captioner, lambda data: data["components"]["decoder"].update(file="stray.onnx"))
+    for message in refusals(captioner, caption_argv(captioner, image_file), capsys):
+        assert "component 'decoder' file names 'stray.onnx'" in message and "files list" in message
+
+
+def test_files_entry_outside_the_artifact_is_refused_before_hashing(captioner, capsys):
+    edit_manifest(captioner, lambda data: data["files"].update({"../../../../../../etc/passwd": "0" * 64}))
+    assert main(["verify", str(captioner)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the files list names '../../../../../../etc/passwd'" in err
+
+
+def point_external_data(graph: Path, location: str) -> None:
+    """Rewrite every external-data location of ``graph`` (onnx.save refuses '..', so edit the proto)."""
+    model = onnx.load(graph, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    graph.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute"])
+def test_graph_whose_external_data_is_outside_is_refused(captioner, image_file, capsys, kind):
+    encoder = read_manifest(captioner).components["encoder"]
+    assert encoder.external_data, "the fixture exports with external data"
+    outside = captioner.parent / "outside"
+    outside.mkdir()
+    moved = shutil.move(captioner / encoder.external_data, outside / "weights.bin")
+    location = {"dotdot": "../outside/weights.bin", "absolute": str(moved)}[kind]
+    point_external_data(captioner / encoder.file, location)
+
+    def edit(data):
+        del data["files"][encoder.external_data]
+        data["components"]["encoder"]["external_data"] = None
+
+    edit_manifest(captioner, edit)
+    for message in refusals(captioner, caption_argv(captioner, image_file), capsys):
+        assert f"{encoder.file}: its external data names {location!r}" in message
+
+
+def test_graph_whose_external_data_is_not_hashed_is_refused(captioner, image_file, capsys):
+    encoder = read_manifest(captioner).components["encoder"]
+    shutil.move(captioner / encoder.external_data, captioner / "unlisted.bin")
+    point_external_data(captioner / encoder.file, "unlisted.bin")
+
+    def edit(data):
+        del data["files"][encoder.external_data]
+        data["components"]["encoder"]["external_data"] = None
+
+    edit_manifest(captioner, edit)
+    for message in refusals(captioner, caption_argv(captioner, image_file), capsys):
+        assert "external data names 'unlisted.bin'" in message and "files list" in message
+
+
+@pytest.fixture()
+def diffusion(sd1, tmp_path):
+    return Path(shutil.copytree(sd1, tmp_path / "art"))
+
+
+def generate_argv(artifact: Path, out: Path) -> list[str]:
+    return [
+        "generate",
+        str(artifact),
+        "a cat",
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--out",
+        str(out),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute"])
+def test_text_to_image_component_outside_is_refused(diffusion, tmp_path, capsys, kind):
+    unet = read_manifest(diffusion).components["unet"]
+    evil = outside_copy(diffusion, unet.file)
+    name = {"dotdot": "../outside/evil.onnx", "absolute": str(evil)}[kind]
+
+    def edit(data):
+        data["components"]["unet"].update(file=name, external_data=None)
+        data["files"][name] = "0" * 64
+
+    edit_manifest(diffusion, edit)
+    out = tmp_path / "cat.png"
+    for message in refusals(diffusion, generate_argv(diffusion, out), capsys):
+        assert f"component 'unet' file names {name!r}" in message
+    assert not out.exists()
+
+
+def test_text_to_image_external_data_outside_is_refused(diffusion, tmp_path, capsys):
+    graph = diffusion / read_manifest(diffusion).components["unet"].file
+    model = onnx.load(graph)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    onnx.save(model, outside / "unet.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    shutil.copy(outside / "unet.onnx", graph)
+    point_external_data(graph, "../outside/w.bin")
+    edit_manifest(diffusion, lambda data: None)
+    out = tmp_path / "cat.png"
+    for message in refusals(diffusion, generate_argv(diffusion, out), capsys):
+        assert "its external data names '../outside/w.bin'" in message
+    assert not out.exists()
+
+
+def test_files_the_manifest_does_not_list_do_not_stop_loading(small_artifact, captioner, capsys):
+    expected = runtime.load(small_artifact)(IMAGE, max_new_tokens=4)
+    (captioner / ".DS_Store").write_bytes(b"\0Bud1")
+    (captioner / "README.md").write_text("notes\n")
+    # A file the runtime would read if it were there and listed: unlisted, it must not be read.
+    (captioner / "special_tokens_map.json").write_text("{not json")
+    assert runtime.load(captioner)(IMAGE, max_new_tokens=4) == expected
+    assert verify_files(captioner, read_manifest(captioner)) == []
+    assert main(["verify", str(captioner)]) == 0
+    err = capsys.readouterr().err
+    for name in (".DS_Store", "README.md", "special_tokens_map.json"):
+        assert f"extra: {name}" in err
+    assert "files match the manifest" in err
+
+
+def hub_cache_layout(artifact: Path, root: Path) -> Path:
+    """The artifact stored as the Hugging Face cache stores a download: every file a relative symlink
+    from snapshots/<revision>/ into blobs/<sha256>."""
+    blobs, snapshot = root / "blobs", root / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    for path in sorted(p for p in artifact.rglob("*") if p.is_file()):
+        blob = blobs / sha256_file(path)
+        shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(artifact)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return snapshot
+
+
+def test_hub_cache_symlink_layout_loads_and_verifies(small_artifact, tmp_path, capsys):
+    snapshot = hub_cache_layout(small_artifact, tmp_path / "models--kiln--tiny")
+    assert all(p.is_symlink() for p in snapshot.rglob("*") if not p.is_dir())
+    expected = runtime.load(small_artifact)(IMAGE, max_new_tokens=4)
+    assert runtime.load(snapshot)(IMAGE, max_new_tokens=4) == expected
+    assert main(["verify", str(snapshot)]) == 0
+    assert "files match the manifest" in capsys.readouterr().err
+    (snapshot / ".DS_Store").write_bytes(b"\0")  # and with a stray file: loaded through a view
+    assert runtime.load(snapshot)(IMAGE, max_new_tokens=4) == expected
+
+
+def test_hub_cache_symlink_layout_generates(sd1, tmp_path):
+    snapshot = hub_cache_layout(sd1, tmp_path / "models--kiln--sd1")
+    options = {"num_inference_steps": 1, "height": 32, "width": 32, "seed": 0, "output_type": "np"}
+    expected = runtime.load(sd1)("a cat", **options).images
+    assert np.array_equal(runtime.load(snapshot)("a cat", **options).images, expected)
