@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from modelkiln.artifact import finish, staged_artifact
-from modelkiln.errors import KilnError
+from modelkiln.errors import KilnError, UnsupportedModelError
 from modelkiln.manifest import Manifest, SourceSpec
-from modelkiln.registry import FAMILIES, detect_family, get_family
+from modelkiln.registry import FAMILIES, Family, detect_family, get_family
 
 from .onnx_export import export_component
-from .source import refuse_bitsandbytes, resolve_source
+from .source import Source, refuse_bitsandbytes, resolve_source
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,25 @@ def _check_options(config: ExportConfig, family: str, exporter) -> dict:
     return options
 
 
+def _resolve_family(config: ExportConfig, source: Source, model: str) -> Family:
+    """The detected family, or the forced one when the config does not belong to another family.
+
+    Forcing is for a supported architecture under a name the detectors do not know; forcing a family onto
+    a checkpoint that another family's detector claims would only fail deep inside transformers.
+    """
+    if not config.family:
+        return detect_family(source.config, model)
+    forced = get_family(config.family)
+    claimed = [family for family in FAMILIES.values() if family.matches(source.config)]
+    if claimed and forced not in claimed:
+        raise UnsupportedModelError(
+            f"--family {forced.name} does not fit {model}: its config is a {claimed[0].name} checkpoint "
+            f"({claimed[0].description}). Drop --family to export it as {claimed[0].name}, or pass a "
+            f"{forced.name} checkpoint."
+        )
+    return forced
+
+
 def _lora_record(torch_model) -> list:
     record = getattr(torch_model, "lora_record", None)
     return record() if record else []
@@ -108,7 +127,7 @@ def export_model(
     # 1. Resolve the source and its family before any heavy work, so mistakes fail fast.
     source = resolve_source(str(model), allow_pickle=config.allow_pickle)
     refuse_bitsandbytes(source)
-    family = get_family(config.family) if config.family else detect_family(source.config, str(model))
+    family = _resolve_family(config, source, str(model))
     exporter = family.load_exporter()
     options = _check_options(config, family.name, exporter)
     with staged_artifact(out, overwrite=config.overwrite) as staging:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 
 import numpy as np
@@ -179,3 +181,29 @@ def test_validation_fails_on_empty_captions(small_artifact, small_source, monkey
     assert not report["passed"]
     assert report["captions"]["greedy"]["empty_captions"] == 2
     assert report["captions"]["greedy"]["mismatches"] == []
+
+
+def test_forcing_another_family_fails_up_front_naming_the_detected_one(small_source, tmp_path, capsys):
+    from modelkiln.cli import main
+
+    out = tmp_path / "artifact"
+    assert main(["export", "--model", str(small_source), "--out", str(out), "--family", "blip"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        r"error: --family blip does not fit .*: its config is a vit-gpt2 checkpoint \(.*\)\. "
+        r"Drop --family to export it as vit-gpt2, or pass a blip checkpoint\.",
+        message,
+    ), message
+    assert "\n" not in message and not out.exists()
+
+
+def test_forcing_the_detected_family_or_an_undetected_config_is_allowed(small_source):
+    from modelkiln.exporters.export import ExportConfig, _resolve_family
+    from modelkiln.exporters.source import resolve_source
+
+    source = resolve_source(str(small_source))
+    assert _resolve_family(ExportConfig(family="vit-gpt2"), source, "m").name == "vit-gpt2"
+    # A supported architecture under a model_type no detector knows: forcing is what the detector's error
+    # tells the user to do, so it must stay possible.
+    renamed = dataclasses.replace(source, config={**source.config, "model_type": "my-vit-gpt2"})
+    assert _resolve_family(ExportConfig(family="vit-gpt2"), renamed, "m").name == "vit-gpt2"
