@@ -262,3 +262,69 @@ def test_hub_cache_symlink_layout_generates(sd1, tmp_path):
     options = {"num_inference_steps": 1, "height": 32, "width": 32, "seed": 0, "output_type": "np"}
     expected = runtime.load(sd1)("a cat", **options).images
     assert np.array_equal(runtime.load(snapshot)("a cat", **options).images, expected)
+
+
+def _external(name: str, location: str) -> onnx.TensorProto:
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    tensor = numpy_helper.from_array(np.ones(3, np.float32), name)
+    set_external_data(tensor, location)
+    tensor.ClearField("raw_data")
+    return tensor
+
+
+def test_external_data_is_found_wherever_a_graph_can_hold_a_tensor(tmp_path):
+    """Initializers, Constant attributes, sparse initializers, subgraphs and functions all count."""
+    from onnx import helper
+
+    from modelkiln.confine import external_data_locations
+
+    sub = helper.make_graph([], "then", [], [], [_external("s", "in-subgraph.bin")])
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=_external("c", "../in-constant.bin")),
+        helper.make_node("If", ["cond"], ["o"], then_branch=sub, else_branch=sub),
+    ]
+    graph = helper.make_graph(nodes, "g", [], [], [_external("w", "initializer.bin")])
+    graph.sparse_initializer.add().values.CopyFrom(_external("v", "/abs/sparse.bin"))
+    model = helper.make_model(graph)
+    function = model.functions.add()
+    function.node.add().CopyFrom(helper.make_node("Constant", [], ["f"], value=_external("f", "fn.bin")))
+    path = tmp_path / "g.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert sorted(external_data_locations(path)) == sorted(
+        [
+            "initializer.bin",
+            "../in-constant.bin",
+            "in-subgraph.bin",
+            "in-subgraph.bin",
+            "/abs/sparse.bin",
+            "fn.bin",
+        ]
+    )
+    path.write_bytes(b"\x0a\xff\xff")  # a field claiming more bytes than the file has
+    with pytest.raises(ArtifactError, match="not a valid ONNX graph"):
+        external_data_locations(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("encoder.onnx", None),
+        ("text_encoder/model.onnx_data", None),
+        ("../x.onnx", "'..'"),
+        ("a/../../x", "'..'"),
+        ("/etc/passwd", "absolute"),
+        ("C:/x.onnx", "absolute"),
+        ("a\\..\\x", "backslash"),
+        ("./a.onnx", "canonical"),
+        ("a//b.onnx", "canonical"),
+        ("", "non-empty"),
+        ("*/_ORT_MEM_ADDR_/*", "in-memory"),
+    ],
+)
+def test_names_an_artifact_may_give(name, reason):
+    from modelkiln.confine import name_problem
+
+    problem = name_problem(name)
+    assert problem is None if reason is None else reason in problem
