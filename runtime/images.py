@@ -13,12 +13,18 @@ An artifact ships the model's ``preprocessor_config.json``; this module turns us
 
 ``load_images`` checks and decodes every input up front, so a bad file is reported by its index and path
 before any model runs. Only numpy, Pillow and the standard library are imported here.
+
+Pillow refuses files of more than ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels (about 179 million) as possible
+decompression bombs. To caption such a file you trust, set ``PIL.Image.MAX_IMAGE_PIXELS`` in Python, or the
+environment variable ``KILN_MAX_IMAGE_PIXELS`` (a pixel count; ``kiln caption`` reads it too), which sets
+it for the process whenever a file is opened here.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +37,7 @@ from PIL import Image, ImageOps
 from modelkiln.errors import ArtifactError, ImageInputError
 
 __all__ = [
+    "MAX_PIXELS_ENV",
     "ImagePreprocessor",
     "PreprocessConfig",
     "PreprocessorConfigError",
@@ -41,6 +48,9 @@ __all__ = [
 
 # What Pillow raises for unreadable, corrupt or truncated files; plugins are not consistent about it.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+# Environment variable that raises Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS) for the
+# process, so that CLI users, who cannot set it in Python, can open a huge image they trust.
+MAX_PIXELS_ENV = "KILN_MAX_IMAGE_PIXELS"
 
 
 class PreprocessorConfigError(ArtifactError, ValueError):
@@ -86,6 +96,7 @@ def _open_path(path: Path, index: int) -> Image.Image:
         raise ImageInputError(f"{_cap(where)} does not exist: check the path.")
     if not path.is_file():
         raise ImageInputError(f"{_cap(where)} is not a file: pass the path of an image file.")
+    _apply_pixel_limit()
     try:
         with Image.open(path) as opened:
             # Decode now: Image.open only reads the header, so a truncated file would fail much later.
@@ -98,11 +109,31 @@ def _open_path(path: Path, index: int) -> Image.Image:
             f"{_cap(where)} is not an image Pillow can read, or its header is corrupt ({error}): pass a PNG, "
             "JPEG, WebP, BMP, GIF or TIFF file."
         ) from error
+    except Image.DecompressionBombError as error:
+        # Not corruption: the header asks for more pixels than Pillow decodes without being told to.
+        raise ImageInputError(
+            f"{_cap(where)} is over Pillow's decompression-bomb limit ({str(error).rstrip('.')}): if you trust "
+            f"the file, raise the limit above its pixel count with the environment variable {MAX_PIXELS_ENV}="
+            "PIXELS (or PIL.Image.MAX_IMAGE_PIXELS in Python), or downscale the image."
+        ) from error
     except _DECODE_ERRORS as error:
         raise ImageInputError(
             f"{_cap(where)} is corrupt or truncated and cannot be decoded ({error}): re-save or re-download "
             "the file."
         ) from error
+
+
+def _apply_pixel_limit() -> None:
+    """Set Pillow's decompression-bomb limit from MAX_PIXELS_ENV when the user set it."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return
+    if not text.isdigit() or int(text) == 0:
+        raise ImageInputError(
+            f"{MAX_PIXELS_ENV}={text!r} is not a pixel count: set it to a positive integer, e.g. "
+            f"{MAX_PIXELS_ENV}=400000000 for a 20000x20000 image, or unset it."
+        )
+    Image.MAX_IMAGE_PIXELS = int(text)
 
 
 def _check_pil_image(image: Image.Image, where: str) -> Image.Image:

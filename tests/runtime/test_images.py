@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +285,40 @@ def test_non_image_and_corrupt_files_are_rejected(tmp_path, good_png_bytes, good
     flipped_path = _write(tmp_path / "flipped.jpg", flipped)
     with pytest.raises(ImageInputError, match=r"Image 0 \(.*flipped\.jpg\) is corrupt or truncated"):
         load_images(flipped_path)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height RGB pixels but holds none: small on disk, huge once decoded."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + end
+
+
+def test_decompression_bomb_limit_is_named_with_how_to_raise_it(tmp_path):
+    path = _write(tmp_path / "huge.png", _png_header(20000, 20000))  # 400 Mpx, over 2x Pillow's limit
+    with pytest.raises(
+        ImageInputError, match=r"Image 0 \(.*huge\.png\) is over Pillow's decompression-bomb"
+    ) as caught:
+        load_images(path)
+    message = str(caught.value)
+    assert "KILN_MAX_IMAGE_PIXELS=" in message and "PIL.Image.MAX_IMAGE_PIXELS" in message
+    assert "corrupt" not in message and "\n" not in message
+
+
+def test_pixel_limit_environment_variable_raises_pillows_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # restored after the test, whatever the code sets
+    path = tmp_path / "small.png"
+    Image.new("RGB", (20, 20), "red").save(path)  # 400 pixels: over twice a limit of 50
+    monkeypatch.delenv("KILN_MAX_IMAGE_PIXELS", raising=False)
+    with pytest.raises(ImageInputError, match="decompression-bomb limit"):
+        load_images(path)
+    monkeypatch.setenv("KILN_MAX_IMAGE_PIXELS", "400")
+    assert load_images(path)[0].size == (20, 20)
+    monkeypatch.setenv("KILN_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ImageInputError, match=r"KILN_MAX_IMAGE_PIXELS='lots' is not a pixel count"):
+        load_images(path)
 
 
 @pytest.mark.parametrize("suffix", ["png", "jpg"])
