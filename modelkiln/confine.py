@@ -8,6 +8,7 @@ what the sha256 in the manifest checks::
 
     name = confined_name("encoder.onnx", "component 'encoder' file")   # ArtifactError if it escapes
     external_data_locations(Path("art/encoder.onnx"))                  # ["encoder.onnx_data"]
+    config_references("text_encoder/model.safetensors.index.json", path)  # [(what, name, is_file)]
 
 Only the standard library is imported: the captioning runtime runs without torch and without the
 ``onnx`` package, so graphs are read with a minimal protobuf walk (``external_data_locations``).
@@ -15,6 +16,7 @@ Only the standard library is imported: the captioning runtime runs without torch
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -166,3 +168,55 @@ def graph_external_files(graph_name: str, graph: str | os.PathLike) -> list[str]
         confined_name(location, "its external data", where=os.fspath(graph))
         names.append(join_beside(graph_name, location))
     return names
+
+
+# -- file names inside the configs that transformers and diffusers load whole folders from -----------
+
+
+def _weight_map(data: dict) -> list[tuple[str, object, bool]]:
+    # A sharded checkpoint's index: tensor name -> shard file, beside the index.
+    shards = data.get("weight_map") if isinstance(data.get("weight_map"), dict) else {}
+    return [("its weight_map", shard, True) for shard in dict.fromkeys(shards.values())]
+
+
+def _model_index(data: dict) -> list[tuple[str, object, bool]]:
+    # diffusers loads each component [library, class] from the folder of that name.
+    return [
+        ("its component", key, False)
+        for key, value in data.items()
+        if not key.startswith("_") and isinstance(value, list)
+    ]
+
+
+def _tokenizer_config(data: dict) -> list[tuple[str, object, bool]]:
+    # transformers reads a versioned tokenizer file named here instead of tokenizer.json.
+    files = data.get("fast_tokenizer_files")
+    return [("its fast_tokenizer_files", name, True) for name in files] if isinstance(files, list) else []
+
+
+# Config file name (or suffix) -> the (what, name, is a file) references a library follows in it.
+CONFIG_REFERENCES = {
+    ".index.json": _weight_map,
+    "model_index.json": _model_index,
+    "tokenizer_config.json": _tokenizer_config,
+}
+
+
+def config_references(config_name: str, path: str | os.PathLike) -> list[tuple[str, str, bool]]:
+    """(what, artifact-relative name, is a file) for each file or folder the config ``config_name`` (at
+    ``path``) makes transformers or diffusers open, each checked to be confined; [] for other files."""
+    base = PurePosixPath(config_name).name
+    readers = [read for key, read in CONFIG_REFERENCES.items() if base == key or base.endswith(key)]
+    if not readers:
+        return []
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path} is not valid JSON ({error}). Re-export the artifact.") from error
+    if not isinstance(data, dict):
+        return []
+    found = []
+    for what, name, is_file in readers[0](data):
+        confined_name(name, what, where=os.fspath(path))
+        found.append((what, join_beside(config_name, name), is_file))
+    return found

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from modelkiln.confine import FIX, confined_name, graph_external_files
+from modelkiln.confine import FIX, config_references, confined_name, graph_external_files
 from modelkiln.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
@@ -192,14 +192,20 @@ def check_names(artifact_dir: str | os.PathLike, manifest: Manifest) -> None:
         confined_name(name, "the files list", where)
 
 
-def check_graph_references(artifact_dir: str | os.PathLike, manifest: Manifest) -> None:
-    """Refuse a graph whose external data is outside the artifact or not hashed by the manifest. Reads
-    only the graph's protobuf structure, before onnxruntime opens it; absent graphs are skipped."""
+def check_references(artifact_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Refuse a graph whose external data, or a config whose shards, components or tokenizer files,
+    are outside the artifact or (files) not hashed by the manifest. Graphs are read as protobuf
+    structure only, before onnxruntime opens them; absent files are skipped (reported as missing)."""
     directory = Path(artifact_dir)
     for spec in manifest.components.values():
         if (directory / spec.file).is_file():
             for name in graph_external_files(spec.file, directory / spec.file):
                 _require_listed(manifest, name, "its external data", directory / spec.file)
+    for config in manifest.files:
+        if (directory / config).is_file():
+            for what, name, is_file in config_references(config, directory / config):
+                if is_file:
+                    _require_listed(manifest, name, what, directory / config)
 
 
 def verify_files(artifact_dir: str | os.PathLike, manifest: Manifest) -> list[str]:
@@ -213,7 +219,7 @@ def verify_files(artifact_dir: str | os.PathLike, manifest: Manifest) -> list[st
         if (directory / name).is_file() and (actual := sha256_file(directory / name)) != digest:
             problems.append(f"changed: {name} (sha256 {actual[:12]}..., manifest says {digest[:12]}...)")
     if not problems:
-        check_graph_references(directory, manifest)
+        check_references(directory, manifest)
     return problems
 
 
@@ -231,7 +237,7 @@ def require_intact(artifact_dir: str | os.PathLike, manifest: Manifest, hashes: 
         check_names(directory, manifest)
         problems = _missing(directory, manifest)
         if not problems:
-            check_graph_references(directory, manifest)
+            check_references(directory, manifest)
     if problems:
         raise ArtifactError(
             f"{directory} does not match its manifest: {'; '.join(problems)}. "

@@ -328,3 +328,44 @@ def test_names_an_artifact_may_give(name, reason):
 
     problem = name_problem(name)
     assert problem is None if reason is None else reason in problem
+
+
+@pytest.mark.parametrize(
+    ("config", "data", "name"),
+    [
+        (
+            "model.safetensors.index.json",
+            {"weight_map": {"w": "../outside/w.safetensors"}},
+            "../outside/w.safetensors",
+        ),
+        (
+            "model_index.json",
+            {"_class_name": "X", "../unet": ["diffusers", "UNet2DConditionModel"]},
+            "../unet",
+        ),
+        (
+            "tokenizer_config.json",
+            {"fast_tokenizer_files": ["../../x/tokenizer.4.0.0.json"]},
+            "../../x/tokenizer.4.0.0.json",
+        ),
+    ],
+)
+def test_configs_libraries_follow_may_not_name_files_outside(
+    captioner, image_file, capsys, config, data, name
+):
+    """transformers and diffusers open the shards, component folders and versioned tokenizer files
+    these configs name: a torch artifact's from_pretrained, or AutoTokenizer, would follow them."""
+    path = captioner / config
+    original = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**original, **data}))
+    edit_manifest(captioner, lambda manifest: manifest["files"].setdefault(config, ""))
+    for message in refusals(captioner, caption_argv(captioner, image_file), capsys):
+        assert f"{config}: its " in message and f"names {name!r}, which is refused" in message
+
+
+def test_shards_a_config_names_must_be_hashed(captioner, image_file, capsys):
+    (captioner / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "shard.bin"}}))
+    (captioner / "shard.bin").write_bytes(b"0")  # present, but not listed: never hash-checked
+    edit_manifest(captioner, lambda manifest: manifest["files"].update({"model.safetensors.index.json": ""}))
+    for message in refusals(captioner, caption_argv(captioner, image_file), capsys):
+        assert "its weight_map names 'shard.bin', which the manifest's files list does not hash" in message
