@@ -5,7 +5,7 @@ The dynamo exporter writes GPT-2's Conv1D layers as ``Gemm`` and a tied head as
 ``MatMul`` whose second input is an initializer, so without this step they quantize little or
 nothing (TensorRT#4208 is what a silent no-op looks like). ::
 
-    model = onnx.load(path)
+    model = load_graph(path)                # onnx.load that also reads through symlinks
     stats = prepare_weight_matmuls(model)   # {"gemm_rewritten": 13, "transpose_folded": 1}
     weight_matmuls(model)                   # names of MatMul nodes with a constant weight
 """
@@ -14,10 +14,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
+
+from modelkiln.confine import confined_name
+
+
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """``onnx.load`` with the external data read through symlinks, which onnx.load refuses: the
+    Hugging Face cache stores every file of a download as a symlink into its blobs folder. Each
+    location must be a confined name (modelkiln.confine); callers check artifacts with require_intact
+    first, which also checks each file is hashed by the manifest."""
+    graph = Path(path)
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        confined_name(info.location, "its external data", where=str(graph))
+        with open(graph.parent / info.location, "rb") as handle:
+            handle.seek(info.offset or 0)
+            tensor.raw_data = handle.read(info.length if info.length is not None else -1)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return model
 
 
 def _attrs(node: onnx.NodeProto) -> dict:

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from modelkiln.artifact import finish, staged_artifact
 from modelkiln.errors import KilnError, ValidationFailedError
 from modelkiln.manifest import (
@@ -31,7 +29,7 @@ from modelkiln.manifest import (
 from modelkiln.registry import get_family
 
 from .calibration import record_calibration
-from .graph_prep import excluded_nodes, prepare_weight_matmuls
+from .graph_prep import excluded_nodes, load_graph, prepare_weight_matmuls
 from .quality import QUALITY
 from .schemes import get_scheme, resolve_options
 
@@ -93,7 +91,7 @@ def _quantize_graph(
     parent: Path, staging: Path, name: str, manifest: Manifest, config, options, feeds
 ) -> dict:
     spec = manifest.components[name]
-    model = onnx.load(str(parent / spec.file))
+    model = load_graph(parent / spec.file)  # also when the parent is symlinks into the hub cache
     prep = prepare_weight_matmuls(model)
     excluded = excluded_nodes(model, (*recipe_exclude(manifest, name), *config.exclude))
     scheme = get_scheme(config.scheme)

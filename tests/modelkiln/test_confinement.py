@@ -369,3 +369,16 @@ def test_shards_a_config_names_must_be_hashed(captioner, image_file, capsys):
     edit_manifest(captioner, lambda manifest: manifest["files"].update({"model.safetensors.index.json": ""}))
     for message in refusals(captioner, caption_argv(captioner, image_file), capsys):
         assert "its weight_map names 'shard.bin', which the manifest's files list does not hash" in message
+
+
+def test_hub_cache_symlink_layout_quantizes(small_artifact, tmp_path):
+    """onnx.load refuses external data behind a symlink: the quantizer reads the parent's graphs anyway."""
+    from modelkiln.quantize.graph_prep import load_graph
+    from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
+
+    snapshot = hub_cache_layout(small_artifact, tmp_path / "models--kiln--tiny")
+    encoder = read_manifest(small_artifact).components["encoder"]
+    assert encoder.external_data and (snapshot / encoder.external_data).is_symlink()
+    assert load_graph(snapshot / encoder.file) == onnx.load(small_artifact / encoder.file)
+    quantize_artifact(snapshot, tmp_path / "int8", QuantizeConfig("int8-dynamic", num_images=2))
+    assert verify_files(tmp_path / "int8", read_manifest(tmp_path / "int8")) == []
