@@ -16,7 +16,6 @@ same without torch. Used by ``modelkiln.exporters.export.export_model``; see tha
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -31,10 +30,11 @@ from modelkiln.exporters.decoding import (
     cache_names,
     cross_attention_components,
     merge_heads,
+    save_processor_files,
     split_heads,
 )
 from modelkiln.exporters.onnx_export import Component
-from modelkiln.exporters.source import Source, load_pretrained
+from modelkiln.exporters.source import Source, image_processor_config, load_pretrained
 
 TASK = "image-to-text"
 
@@ -42,6 +42,7 @@ TASK = "image-to-text"
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
     from transformers import BlipForConditionalGeneration
 
+    image_processor_config(source)  # missing processor settings fail before minutes of loading
     return load_pretrained(source, BlipForConditionalGeneration, trust_remote_code)
 
 
@@ -168,24 +169,6 @@ def runtime_config(model: nn.Module) -> dict:
     }
 
 
-def _image_processor_config(source: Source) -> dict:
-    """The image processor dict: preprocessor_config.json, or the entry a saved BlipProcessor nests."""
-    for name, entry in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-        path = source.path / name
-        if not path.is_file():
-            continue
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if entry is None:
-            return config
-        if isinstance(config.get(entry), dict):
-            return config[entry]
-    raise SourceModelError(
-        f"{source.path} has no preprocessor_config.json (nor an image_processor entry in "
-        "processor_config.json), which the artifact's runtime needs. Save the model's processor next to it "
-        f"(BlipProcessor.save_pretrained({str(source.path)!r}))."
-    )
-
-
 def _generation_config(model: nn.Module):
     """The settings ``BlipForConditionalGeneration.generate`` really decodes with.
 
@@ -201,12 +184,7 @@ def _generation_config(model: nn.Module):
 
 def save_runtime_files(source: Source, model: nn.Module, directory: Path) -> None:
     """Tokenizer, image processor and generation config: what makes the artifact self-contained."""
-    from transformers import AutoTokenizer
-
-    # Saving through transformers always writes tokenizer.json, which the torch-free runtime reads.
-    AutoTokenizer.from_pretrained(source.path).save_pretrained(directory)
-    image_config = json.dumps(_image_processor_config(source), indent=2, sort_keys=True)
-    (directory / "preprocessor_config.json").write_text(image_config + "\n", encoding="utf-8")
+    save_processor_files(source, directory)
     _generation_config(model).save_pretrained(directory)
 
 

@@ -36,7 +36,7 @@ from modelkiln.exporters.decoding import (
     split_heads,
 )
 from modelkiln.exporters.onnx_export import Component
-from modelkiln.exporters.source import Source, load_pretrained
+from modelkiln.exporters.source import Source, image_processor_config, load_pretrained
 
 TASK = "image-to-text"
 
@@ -44,6 +44,7 @@ TASK = "image-to-text"
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
     from transformers import Blip2ForConditionalGeneration
 
+    image_processor_config(source)  # missing processor settings fail before minutes of loading
     model = load_pretrained(source, Blip2ForConditionalGeneration, trust_remote_code)
     _check_supported(model.config)
     return model

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .onnx_export import Component
-from .source import Source, copy_required
+from .source import Source, save_image_processor_config
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -107,16 +107,23 @@ def cross_attention_components(
     ]
 
 
+def save_processor_files(source: Source, directory: Path) -> None:
+    """Tokenizer and image processor config, from either checkpoint layout: every captioner ships them."""
+    from transformers import AutoTokenizer
+
+    # Saving through transformers always writes tokenizer.json, which the torch-free runtime reads.
+    AutoTokenizer.from_pretrained(source.path).save_pretrained(directory)
+    save_image_processor_config(source, directory)
+
+
 def save_text_files(source: Source, directory: Path, fallback_config) -> None:
     """Tokenizer, image processor config and generation config: what makes an artifact self-contained.
 
     ``fallback_config`` gives the generation defaults of older checkpoints without generation_config.json.
     """
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
-    # Saving through transformers always writes tokenizer.json, which the torch-free runtime reads.
-    AutoTokenizer.from_pretrained(source.path).save_pretrained(directory)
-    copy_required(source, "preprocessor_config.json", directory)
+    save_processor_files(source, directory)
     try:
         generation = GenerationConfig.from_pretrained(source.path)
     except OSError:  # older checkpoints keep their generation defaults in config.json only

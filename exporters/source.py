@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modelkiln.errors import SourceModelError
 from modelkiln.manifest import sha256_file
+from modelkiln.runtime.images import read_image_processor_config
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SAFE_WEIGHTS = ("*.safetensors",)
@@ -137,15 +137,22 @@ def refuse_bitsandbytes(source: Source) -> None:
         )
 
 
-def copy_required(source: Source, name: str, directory: Path) -> None:
-    """Copy a file the runtime needs verbatim, or say which file is missing and why it matters."""
-    path = source.path / name
-    if not path.is_file():
-        raise SourceModelError(
-            f"{source.path} has no {name}, which the artifact's runtime needs. Save the model's processor "
-            f"next to it (processor.save_pretrained({str(source.path)!r}))."
-        )
-    shutil.copyfile(path, directory / name)
+def image_processor_config(source: Source) -> dict[str, Any]:
+    """The source's image processor settings, from either layout transformers saves: a legacy
+    ``preprocessor_config.json``, or transformers 5's ``processor_config.json`` with the image processor
+    nested in it, read with the same priority as transformers' ``AutoImageProcessor``."""
+    fix = (
+        "save the model's processor (or its image processor) next to it, e.g. "
+        f"processor.save_pretrained({str(source.path)!r})"
+    )
+    return read_image_processor_config(source.path, SourceModelError, fix)
+
+
+def save_image_processor_config(source: Source, directory: Path) -> None:
+    """Write the source's image processor settings as the artifact's ``preprocessor_config.json``: one
+    file for the runtime, whichever layout the checkpoint has."""
+    text = json.dumps(image_processor_config(source), indent=2, sort_keys=True) + "\n"
+    (directory / "preprocessor_config.json").write_text(text, encoding="utf-8")
 
 
 def load_pretrained(source: Source, model_class, trust_remote_code: bool = False, **kwargs):

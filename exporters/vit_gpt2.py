@@ -28,7 +28,7 @@ from modelkiln.exporters.decoding import (
     split_heads,
 )
 from modelkiln.exporters.onnx_export import Component
-from modelkiln.exporters.source import Source, load_pretrained
+from modelkiln.exporters.source import Source, image_processor_config, load_pretrained
 
 TASK = "image-to-text"
 
@@ -36,6 +36,7 @@ TASK = "image-to-text"
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
     from transformers import VisionEncoderDecoderModel
 
+    image_processor_config(source)  # missing processor settings fail before minutes of loading
     return load_pretrained(source, VisionEncoderDecoderModel, trust_remote_code)
 
 

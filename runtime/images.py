@@ -18,6 +18,9 @@ Pillow refuses files of more than ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels (abo
 decompression bombs. To caption such a file you trust, set ``PIL.Image.MAX_IMAGE_PIXELS`` in Python, or the
 environment variable ``KILN_MAX_IMAGE_PIXELS`` (a pixel count; ``kiln caption`` reads it too), which sets
 it for the process whenever a file is opened here.
+
+``read_image_processor_config`` finds a saved folder's image processor settings in either layout
+transformers writes; the exporters read checkpoints with it and the runtime reads artifacts with it.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from modelkiln.errors import ArtifactError, ImageInputError
+from modelkiln.errors import ArtifactError, ImageInputError, KilnError
 
 __all__ = [
+    "IMAGE_PROCESSOR_FILES",
     "MAX_PIXELS_ENV",
     "ImagePreprocessor",
     "PreprocessConfig",
@@ -44,6 +48,7 @@ __all__ = [
     "ResizeTarget",
     "convert_to_rgb",
     "load_images",
+    "read_image_processor_config",
 ]
 
 # What Pillow raises for unreadable, corrupt or truncated files; plugins are not consistent about it.
@@ -210,6 +215,36 @@ def _cap(text: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------------
+
+
+# Where a folder saved by transformers keeps its image processor settings, in transformers' own order of
+# priority (ImageProcessingMixin.get_image_processor_dict): the entry transformers 5 nests in a whole
+# processor's processor_config.json, then the legacy preprocessor_config.json of its own. A transformers 4
+# processor_config.json holds no such entry (only e.g. num_query_tokens) and is passed over.
+IMAGE_PROCESSOR_FILES: tuple[tuple[str, str | None], ...] = (
+    ("processor_config.json", "image_processor"),
+    ("preprocessor_config.json", None),
+)
+
+
+def read_image_processor_config(directory: Path, error: type[KilnError], fix: str) -> dict[str, Any]:
+    """The image processor settings saved in ``directory``, from whichever of ``IMAGE_PROCESSOR_FILES``
+    holds them first; raises ``error`` ending with ``fix`` when a file is unreadable or none holds them."""
+    for name, entry in IMAGE_PROCESSOR_FILES:
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as caught:
+            raise error(f"{file} is not valid JSON ({caught}): {fix}.") from caught
+        found = config.get(entry) if entry is not None and isinstance(config, dict) else config
+        if entry is None or isinstance(found, dict):
+            return found
+    raise error(
+        f"{directory} has no preprocessor_config.json (nor an image_processor entry in processor_config.json), "
+        f"which holds the image processor settings the runtime needs: {fix}."
+    )
 
 
 @dataclass(frozen=True)
@@ -508,26 +543,10 @@ class ImagePreprocessor:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ImagePreprocessor:
-        """Build from an artifact directory's ``preprocessor_config.json``.
-
-        Falls back to the ``image_processor`` entry of ``processor_config.json``, which is where
-        transformers 5 puts it when a whole processor (e.g. ``BlipProcessor``) is saved.
-        """
-        directory = Path(path)
-        for name, entry in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-            file = directory / name
-            if not file.is_file():
-                continue
-            try:
-                config = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise ArtifactError(f"{file} is not valid JSON ({error}): re-export the artifact.") from error
-            if entry is None or (isinstance(config, dict) and entry in config):
-                return cls.from_config(config if entry is None else config[entry])
-        raise ArtifactError(
-            f"{directory} has no preprocessor_config.json (nor an image_processor entry in "
-            "processor_config.json): re-export the artifact with `kiln export`."
-        )
+        """Build from a directory's image processor settings, in either layout transformers saves (see
+        ``read_image_processor_config``)."""
+        fix = "re-export the artifact with `kiln export`"
+        return cls.from_config(read_image_processor_config(Path(path), ArtifactError, fix))
 
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Preprocess a batch of PIL images into a float32 array of shape [B, 3, H, W]."""

@@ -311,3 +311,68 @@ def save_tiny_blip(directory: Path, sizes: TinyBlip) -> Path:
         bert_wordpiece_tokenizer().save_pretrained(directory)
         images.save_pretrained(directory)  # preprocessor_config.json, as hub checkpoints ship
     return directory
+
+
+# --- Checkpoint layouts ------------------------------------------------------------------------------------
+
+# How a captioner's processor is saved beside its weights. "legacy": as hub checkpoints ship it, the image
+# processor's own preprocessor_config.json beside the tokenizer files (and, as transformers 4 wrote for
+# processors with settings of their own such as BLIP-2's num_query_tokens, a processor_config.json holding
+# only those). "transformers-5": what transformers 5's processor.save_pretrained writes, one
+# processor_config.json with the image processor nested in it, beside the tokenizer files.
+LAYOUTS = ("legacy", "transformers-5")
+# What save_tiny_* functions write for the model itself; everything else they write is the processor's.
+MODEL_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors"})
+
+
+def tiny_vit_gpt2_processor(sizes: TinyViTGPT2):
+    """TrOCRProcessor: transformers' processor for VisionEncoderDecoderModel captioners (any tokenizer)."""
+    from transformers import TrOCRProcessor, ViTImageProcessorPil
+
+    size = {"height": sizes.image_size, "width": sizes.image_size}
+    images = ViTImageProcessorPil(size=size, do_convert_rgb=True)
+    return TrOCRProcessor(image_processor=images, tokenizer=word_tokenizer())
+
+
+def tiny_blip_processor(sizes: TinyBlip):
+    from transformers import BlipImageProcessorPil, BlipProcessor
+
+    size = {"height": sizes.image_size, "width": sizes.image_size}
+    return BlipProcessor(
+        image_processor=BlipImageProcessorPil(size=size), tokenizer=bert_wordpiece_tokenizer()
+    )
+
+
+def save_processor_in_layout(directory: Path, processor, layout: str) -> Path:
+    """Replace the processor files in ``directory`` (a save_tiny_* folder) by ``processor`` saved in ``layout``."""
+    import json
+
+    for path in directory.iterdir():
+        if path.name not in MODEL_FILES:
+            path.unlink()
+    if layout == "transformers-5":
+        processor.save_pretrained(directory)
+        return directory
+    processor.image_processor.save_pretrained(directory)  # preprocessor_config.json
+    processor.tokenizer.save_pretrained(directory)
+    # transformers 4 wrote processor_config.json only for settings beyond the sub-processors.
+    own = {
+        k: v
+        for k, v in processor.to_dict().items()
+        if k not in (*processor.get_attributes(), "processor_class")
+    }
+    if own:
+        own["processor_class"] = type(processor).__name__
+        (directory / "processor_config.json").write_text(json.dumps(own, indent=2) + "\n")
+    return directory
+
+
+def save_tiny_captioner(directory: Path, family: str, layout: str) -> Path:
+    """A tiny checkpoint of a captioning family (config "a") with its processor saved in ``layout``."""
+    savers = {
+        "vit-gpt2": (save_tiny_vit_gpt2, TINY_VIT_GPT2["a"], tiny_vit_gpt2_processor),
+        "blip": (save_tiny_blip, TINY_BLIP["a"], tiny_blip_processor),
+        "blip-2": (save_tiny_blip2, TINY_BLIP2["a"], tiny_blip2_processor),
+    }
+    save, sizes, processor = savers[family]
+    return save_processor_in_layout(save(directory, sizes), processor(sizes), layout)
