@@ -382,3 +382,19 @@ def test_hub_cache_symlink_layout_quantizes(small_artifact, tmp_path):
     assert load_graph(snapshot / encoder.file) == onnx.load(small_artifact / encoder.file)
     quantize_artifact(snapshot, tmp_path / "int8", QuantizeConfig("int8-dynamic", num_images=2))
     assert verify_files(tmp_path / "int8", read_manifest(tmp_path / "int8")) == []
+
+
+def test_torch_variant_with_stray_files_loads_through_a_view(small_artifact, tmp_path):
+    """A bitsandbytes variant is loaded by from_pretrained, which reads whatever the folder holds: stray
+    files are kept out of its sight, and the captions are those of the clean variant."""
+    pytest.importorskip("bitsandbytes")
+    from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
+
+    variant = tmp_path / "bnb"
+    quantize_artifact(small_artifact, variant, QuantizeConfig("bnb-int8", num_images=2))
+    expected = runtime.load(variant)(IMAGE, max_new_tokens=4)
+    (variant / ".DS_Store").write_bytes(b"\0")
+    (variant / "model.safetensors.index.json").write_text('{"weight_map": {"w": "../../x.safetensors"}}')
+    pipe = runtime.load(variant)
+    assert pipe.directory != variant and not (pipe.directory / ".DS_Store").exists()
+    assert pipe(IMAGE, max_new_tokens=4) == expected
