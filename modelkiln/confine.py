@@ -7,7 +7,7 @@ every file as a symlink into a ``blobs`` folder), so confinement is about the na
 what the sha256 in the manifest checks::
 
     name = confined_name("encoder.onnx", "component 'encoder' file")   # ArtifactError if it escapes
-    external_data_locations(Path("art/encoder.onnx"))                  # ["encoder.onnx_data"]
+    external_data_locations(Path("art/encoder.onnx"))                  # ["encoder.onnx.data"]
     config_references("text_encoder/model.safetensors.index.json", path)  # [(what, name, is_file)]
 
 Only the standard library is imported: the captioning runtime runs without torch and without the
@@ -44,7 +44,7 @@ def name_problem(name: object) -> str | None:
         return "'.' is the artifact folder, not a file"
     if name == ORT_MEMORY_TAG:
         return "onnxruntime's in-memory tag, not a file"
-    if PurePosixPath(name).as_posix() != name or name.startswith("./"):
+    if PurePosixPath(name).as_posix() != name:  # "./a", "a//b", "a/": one file, one spelling
         return f"not in canonical form (write {PurePosixPath(name).as_posix()!r})"
     return None
 
