@@ -29,12 +29,13 @@ from modelkiln.exporters.decoding import (
     CacheShape,
     cache_names,
     cross_attention_components,
+    load_captioner,
     merge_heads,
     save_processor_files,
     split_heads,
 )
 from modelkiln.exporters.onnx_export import Component
-from modelkiln.exporters.source import Source, image_processor_config, load_pretrained
+from modelkiln.exporters.source import Source
 
 TASK = "image-to-text"
 
@@ -42,8 +43,7 @@ TASK = "image-to-text"
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
     from transformers import BlipForConditionalGeneration
 
-    image_processor_config(source)  # missing processor settings fail before minutes of loading
-    return load_pretrained(source, BlipForConditionalGeneration, trust_remote_code)
+    return load_captioner(source, BlipForConditionalGeneration, trust_remote_code)
 
 
 def _attend(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,12 +31,13 @@ from modelkiln.exporters.decoding import (
     CAPTIONER_RECIPE,
     cache_axes,
     cache_names,
+    load_captioner,
     merge_heads,
     save_text_files,
     split_heads,
 )
 from modelkiln.exporters.onnx_export import Component
-from modelkiln.exporters.source import Source, image_processor_config, load_pretrained
+from modelkiln.exporters.source import Source
 
 TASK = "image-to-text"
 
@@ -44,8 +45,7 @@ TASK = "image-to-text"
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
     from transformers import Blip2ForConditionalGeneration
 
-    image_processor_config(source)  # missing processor settings fail before minutes of loading
-    model = load_pretrained(source, Blip2ForConditionalGeneration, trust_remote_code)
+    model = load_captioner(source, Blip2ForConditionalGeneration, trust_remote_code)
     _check_supported(model.config)
     return model
 

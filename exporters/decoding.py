@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from .onnx_export import Component
-from .source import Source, save_image_processor_config
+from .source import (
+    Source,
+    check_model_class,
+    image_processor_config,
+    load_pretrained,
+    save_image_processor_config,
+)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -105,6 +111,14 @@ def cross_attention_components(
             dynamic_axes=decoder_axes,
         ),
     ]
+
+
+def load_captioner(source: Source, model_class, trust_remote_code: bool) -> nn.Module:
+    """The captioner in fp32 eval mode, after the checks that need no weights: the architecture, then the
+    image processor settings the artifact ships, so a wrong checkpoint fails before minutes of loading."""
+    check_model_class(source, model_class)
+    image_processor_config(source)
+    return load_pretrained(source, model_class, trust_remote_code)
 
 
 def save_processor_files(source: Source, directory: Path) -> None:

@@ -155,10 +155,24 @@ def save_image_processor_config(source: Source, directory: Path) -> None:
     (directory / "preprocessor_config.json").write_text(text, encoding="utf-8")
 
 
+def check_model_class(source: Source, model_class) -> None:
+    """Refuse a checkpoint of another architecture before loading it: from_pretrained would only warn and
+    build ``model_class`` from random weights (what a forced --family on a foreign config used to export)."""
+    expected = model_class.config_class.model_type
+    found = source.config.get("model_type")
+    if found != expected:
+        raise SourceModelError(
+            f"{source.path} holds a {found!r} model (config.json model_type), but {model_class.__name__} loads "
+            f"{expected!r} checkpoints and would start from random weights. Drop --family to detect the "
+            f"family, or pass a {expected!r} checkpoint."
+        )
+
+
 def load_pretrained(source: Source, model_class, trust_remote_code: bool = False, **kwargs):
     """``model_class.from_pretrained`` in fp32 eval mode, under the source's pickle decision."""
     import torch
 
+    check_model_class(source, model_class)
     return model_class.from_pretrained(
         source.path,
         use_safetensors=not source.uses_pickle,

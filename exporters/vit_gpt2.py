@@ -23,12 +23,13 @@ from modelkiln.exporters.decoding import (
     CacheShape,
     cache_names,
     cross_attention_components,
+    load_captioner,
     merge_heads,
     save_text_files,
     split_heads,
 )
 from modelkiln.exporters.onnx_export import Component
-from modelkiln.exporters.source import Source, image_processor_config, load_pretrained
+from modelkiln.exporters.source import Source
 
 TASK = "image-to-text"
 
@@ -36,8 +37,7 @@ TASK = "image-to-text"
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
     from transformers import VisionEncoderDecoderModel
 
-    image_processor_config(source)  # missing processor settings fail before minutes of loading
-    return load_pretrained(source, VisionEncoderDecoderModel, trust_remote_code)
+    return load_captioner(source, VisionEncoderDecoderModel, trust_remote_code)
 
 
 def _attend(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -207,3 +207,23 @@ def test_forcing_the_detected_family_or_an_undetected_config_is_allowed(small_so
     # tells the user to do, so it must stay possible.
     renamed = dataclasses.replace(source, config={**source.config, "model_type": "my-vit-gpt2"})
     assert _resolve_family(ExportConfig(family="vit-gpt2"), renamed, "m").name == "vit-gpt2"
+
+
+def test_forcing_a_family_onto_another_architecture_is_refused_before_loading(small_source, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from modelkiln.errors import SourceModelError
+    from modelkiln.exporters.export import ExportConfig, export_model
+
+    # No detector claims a BERT, so --family is allowed through; from_pretrained would then only warn and
+    # build a BLIP from random weights, and the export used to "succeed".
+    bert = tmp_path / "bert"
+    BertModel(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).save_pretrained(bert)
+    shutil.copyfile(small_source / "preprocessor_config.json", bert / "preprocessor_config.json")
+    for family, model_type in (("blip", "blip"), ("vit-gpt2", "vision-encoder-decoder")):
+        match = rf"holds a 'bert' model .* loads '{model_type}' checkpoints .* Drop --family"
+        with pytest.raises(SourceModelError, match=match):
+            export_model(bert, tmp_path / "out", ExportConfig(family=family))
+    assert not (tmp_path / "out").exists()
