@@ -4,7 +4,7 @@
     write_diffusion_reports(report, Path("bench"), plots=True)
 
 Speed-ups are against the first row (the diffusers pipeline in PyTorch eager fp32), sizes against the
-fp32 ONNX export. Issue 6's step targets are checked on every run but the tiny preset's, whose
+fp32 ONNX export. The step targets are checked on every run but the tiny preset's, whose
 millisecond steps say nothing about the full model; a missed target states by how much.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .report import _mb, _ms, _table, _times, machine_info, write_report_files
 
-# Issue 6's targets: (what, variant, figure of derived(), limit); higher is better for each.
+# The step targets: (what, variant, figure of derived(), limit); higher is better for each.
 TARGETS = (
     ("transformer step: ONNX fp32 vs PyTorch eager", "onnx-fp32", "step_speedup", 1.3),
     ("transformer step: int8-dynamic vs PyTorch eager", "int8-dynamic", "step_speedup", 1.8),
@@ -195,7 +195,7 @@ def targets_table(checks: list[dict]) -> list[str]:
         ]
         for c in checks
     ]
-    return _table(["issue 6 target", "limit", "measured (p50 ratio)", "", "by how much"], rows)
+    return _table(["target", "limit", "measured (p50 ratio)", "", "by how much"], rows)
 
 
 def _intro(report: dict) -> list[str]:

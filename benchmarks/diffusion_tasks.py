@@ -94,7 +94,8 @@ def bench_task(args: argparse.Namespace) -> str:
     elif args.model:
         from modelkiln.exporters.source import resolve_source
 
-        family = detect_family(resolve_source(args.model).config, args.model)
+        # Only the config is read here; the harness refuses pickle weights with what to do instead.
+        family = detect_family(resolve_source(args.model, allow_pickle=True).config, args.model)
     else:
         return "image-to-text"
     if family.task == "text-to-image" and family.name not in DIFFUSION_FAMILIES:

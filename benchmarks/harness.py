@@ -29,7 +29,7 @@ from . import roofline
 from .peers import PeerRunner, PeerSetup, check_peers, prepare_peers
 from .quality import caption_agreement
 from .runners import EagerRunner, Job, OrtRunner
-from .variants import Variant, check_schemes, prepare_variants
+from .variants import Variant, check_schemes, prepare_variants, variant_gate
 
 IMAGE_SEEDS = 80_000  # drawn benchmark images: away from training, validation and quantize seeds
 EAGER = "pytorch-eager"
@@ -80,11 +80,25 @@ def model_or_preset(
     if (model is None) == (preset is None):
         raise KilnError("give exactly one of --model SRC or --preset {tiny,full}.")
     if model is not None:
+        _refuse_pickle(model)
         return model
     if preset not in presets:
         raise KilnError(f"--preset {preset}: unknown. Valid presets: {', '.join(presets)}.")
     log(f"preset {preset}: building or reusing it under {artifacts_dir}")
     return str(build(preset, artifacts_dir))
+
+
+def _refuse_pickle(model: str) -> None:
+    """The benchmark loads its source several times over; it takes safetensors weights only."""
+    from modelkiln.exporters.source import resolve_source as resolve_model
+
+    source = resolve_model(model, allow_pickle=True)
+    if source.uses_pickle:
+        raise KilnError(
+            f"{source.path} holds only pickle weights ({', '.join(source.weight_files[:3])}); kiln bench "
+            "loads safetensors only. Re-save the model with save_pretrained(..., safe_serialization=True) "
+            "if you trust its origin, then bench that folder."
+        )
 
 
 def resolve_source(config: BenchConfig, log: Callable[[str], None]) -> str:
@@ -210,6 +224,7 @@ class Measured:
     total_bytes: int  # files on disk (eager: source weights; a peer: the files its runtime loads)
     decoder_bytes: int | None  # weight bytes one decoder step reads; None when there is no decoder
     peak_rss_bytes: int | None  # peak RSS of a fresh process captioning one image; None when skipped
+    gate: tuple[str, ...] = ()  # `kiln quantize`'s default gates this variant misses; () when it passes
 
 
 def measure(runners: dict[str, Any], source: str, variants: list[Variant], config: BenchConfig) -> dict:
@@ -217,7 +232,9 @@ def measure(runners: dict[str, Any], source: str, variants: list[Variant], confi
     measured = {EAGER: Measured(source, *eager_bytes(runners[EAGER], source), _rss(EAGER, source, config))}
     for v in variants:
         sizes = artifact_bytes(v.path)
-        measured[v.name] = Measured(str(v.path), *sizes, _rss(v.name, str(v.path), config))
+        measured[v.name] = Measured(
+            str(v.path), *sizes, _rss(v.name, str(v.path), config), variant_gate(v.path)
+        )
     for name, runner in runners.items():
         if isinstance(runner, PeerRunner):
             rss = runner.peak_rss() if config.measure_rss else None
@@ -237,6 +254,7 @@ def variant_row(name: str, measured: Measured, timings: Timings, baseline: Timin
         "stages_s": stages,
         "peak_rss_bytes": measured.peak_rss_bytes,
         "quality": caption_agreement(baseline.captions, timings.captions),
+        "gate": list(measured.gate),
         "roofline": roofline.multiples(context["machine"], measured.decoder_bytes, context["flops"], stages),
     }
 

@@ -1,17 +1,21 @@
-"""The ``kiln`` command line: export, run, validate and inspect artifacts.
+"""The kiln command line: export, quantize, run, validate, benchmark and inspect artifacts.
 
     kiln demo                                   # export the shipped captioner, caption, validate
     kiln export --model SRC --out DIR [--family F] [--opset N] [--lora PATH[:SCALE]]...
     kiln caption DIR IMAGE... [--num-beams N] [--max-new-tokens N] [--json]
     kiln generate DIR "a prompt" [--steps N] [--seed S] [--height H] [--width W] --out image.png
     kiln validate DIR --model SRC [--json]
-    kiln inspect DIR
-    kiln verify DIR
+    kiln inspect DIR [--json]
+    kiln verify DIR [--json]
     kiln bench --preset tiny|full | --model SRC [--variant DIR]... [--schemes S,S] [--peers optimum] --out DIR
     kiln build RECIPE.toml [--out DIR]          # export, validate, quantize, bench; exit 1 on a failed gate
 
 Bad input ends with one ``error:`` line naming the fix and exit code 2; a failed check exits 1. Each
 command's last line suggests the natural next command.
+
+Start-up stays light: building the parser imports only the standard library, rich and modelkiln's base
+tables; each command imports what it needs when it runs, so `kiln --help` is quick and `caption`,
+`inspect`, `verify` and `families` work in the runtime-only install (no torch, no onnx).
 """
 
 from __future__ import annotations
@@ -31,6 +35,27 @@ from modelkiln.errors import KilnError, ValidationFailedError
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# Top-level module -> the extra that installs it: the one line a command that needs it prints when the
+# runtime-only install (`pip install modelkiln`) lacks it.
+EXTRA_OF: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "torch",
+            "transformers",
+            "diffusers",
+            "onnx",
+            "onnxscript",
+            "safetensors",
+            "peft",
+            "sacrebleu",
+            "skimage",
+        ),
+        "export",
+    ),
+    **dict.fromkeys(("bitsandbytes", "accelerate"), "bnb"),
+    "matplotlib": "bench",
+}
+
 
 @contextlib.contextmanager
 def _status(message: str) -> Iterator[Callable[[str], None]]:
@@ -39,11 +64,49 @@ def _status(message: str) -> Iterator[Callable[[str], None]]:
         yield lambda text: status.update(f"{message}: {text}")
 
 
+@contextlib.contextmanager
+def _quiet_model_loading() -> Iterator[None]:
+    """Hide transformers' and diffusers' per-load progress bars and info chatter while a command loads
+    PyTorch models (a demo, a benchmark and a validation load several), restoring both libraries'
+    own settings afterwards. Only commands that import them anyway use it: it imports both."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [
+        (library, library.is_progress_bar_enabled(), library.get_verbosity())
+        for library in (transformers_logging, diffusers_logging)
+    ]
+    for library, _, _ in saved:
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for library, bar, level in saved:
+            (library.enable_progress_bar if bar else library.disable_progress_bar)()
+            library.set_verbosity(level)
+
+
 def _next(command: str) -> None:
-    console.print(f"next: [bold]{command}[/bold]")
+    console.print(f"next: [bold]{escape(command)}[/bold]")
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _source_of(artifact: str) -> str:
+    """The model an artifact was exported from, as its manifest records it, for `next:` hints."""
+    from modelkiln.manifest import read_manifest
+
+    return read_manifest(artifact).source.model
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from modelkiln.registry import get_family
+
+    if args.family is not None:
+        get_family(args.family)  # an unknown name is a usage error: say so before loading torch
     from modelkiln.exporters.export import ExportConfig, export_model
 
     config = ExportConfig(
@@ -96,7 +159,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     else:
         for path, caption in zip(args.images, captions, strict=True):
             print(f"{path}: {caption}")
-    _next(f"kiln validate {args.artifact} --model SOURCE")
+    _next(f"kiln validate {args.artifact} --model {_source_of(args.artifact)}")
     return 0
 
 
@@ -213,7 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         console.print(f"wrote {path} ({image.width}x{image.height})")
-    _next(f"kiln validate {args.artifact} --model SOURCE")
+    _next(f"kiln validate {args.artifact} --model {_source_of(args.artifact)}")
     return 0
 
 
@@ -224,27 +287,56 @@ def _image_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
+def _inspect_lines(manifest) -> list[str]:
+    lines = [
+        f"family     {manifest.family} ({manifest.task}), kind {manifest.kind}, "
+        f"precision {manifest.precision}, opset {manifest.opset}",
+        f"source     {manifest.source.model} (weights sha256 {manifest.source.weights_sha256[:16]}...)",
+        f"tools      {', '.join(f'{k} {v}' for k, v in manifest.tools.items())}",
+    ]
+    if manifest.parent is not None:
+        lines.append(
+            f"parent     {manifest.parent['path']} ({manifest.parent.get('precision', '?')}, "
+            f"artifact sha256 {manifest.parent['artifact_sha256'][:16]}...)"
+        )
+    lines += _quantization_lines(manifest.quantization)
+    for name, spec in manifest.components.items():
+        extra = f" + {spec.external_data}" if spec.external_data else ""
+        lines.append(f"component  {name}: {spec.file}{extra} ({spec.precision})")
+        for kind, values in (("in ", spec.inputs), ("out", spec.outputs)):
+            lines += [f"    {kind} {value.name} {value.dtype} {value.shape}" for value in values[:6]]
+            if len(values) > 6:
+                lines.append(f"    {kind} ... {len(values) - 6} more")
+    validation = manifest.validation
+    verdict = "none yet" if validation is None else ("passed" if validation["passed"] else "FAILED")
+    return [*lines, f"validation {verdict}"]
+
+
+def _quantization_lines(quantization: dict | None) -> list[str]:
+    """Scheme, options, quality figures and gate result of a quantized variant."""
+    if not quantization:
+        return []
+    options = ", ".join(f"{k}={v}" for k, v in quantization.get("options", {}).items()) or "defaults"
+    quality = quantization.get("quality", {})
+    figures = ", ".join(f"{k} {v:g}" for k, v in quality.items() if isinstance(v, (int, float)))
+    gate = quantization.get("gate") or []
+    return [
+        f"scheme     {quantization['scheme']} ({options})",
+        f"quality    vs parent: {figures or 'not measured'}",
+        f"gates      {'passed' if not gate else 'FAILED: ' + '; '.join(gate)}",
+    ]
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from modelkiln.manifest import read_manifest
 
     manifest = read_manifest(args.artifact)
-    print(
-        f"family     {manifest.family} ({manifest.task}), "
-        f"precision {manifest.precision}, opset {manifest.opset}"
-    )
-    print(f"source     {manifest.source.model} (weights sha256 {manifest.source.weights_sha256[:16]}...)")
-    print(f"tools      {', '.join(f'{k} {v}' for k, v in manifest.tools.items())}")
-    for name, spec in manifest.components.items():
-        print(f"component  {name}: {spec.file}{' + ' + spec.external_data if spec.external_data else ''}")
-        for kind, values in (("in ", spec.inputs), ("out", spec.outputs)):
-            for value in values[:6]:
-                print(f"    {kind} {value.name} {value.dtype} {value.shape}")
-            if len(values) > 6:
-                print(f"    {kind} ... {len(values) - 6} more")
-    validation = manifest.validation
-    print(
-        f"validation {'none yet' if validation is None else ('passed' if validation['passed'] else 'FAILED')}"
-    )
+    if args.json:
+        _print_json(asdict(manifest))
+    else:
+        print("\n".join(_inspect_lines(manifest)))
     _next(f"kiln verify {args.artifact}")
     return 0
 
@@ -254,6 +346,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.artifact)
     problems = verify_files(args.artifact, manifest)  # the files the runtime may open; refuses escapes
+    extras = extra_files(args.artifact, manifest)
+    if args.json:
+        summary = {"artifact": str(args.artifact), "files": len(manifest.files), "problems": problems}
+        _print_json({**summary, "extra": extras})
     for problem in problems:
         console.print(f"  {problem}")
     if problems:
@@ -261,7 +357,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"{args.artifact}: {len(problems)} file(s) differ from the manifest. "
             "Re-export or re-copy the artifact."
         )
-    for name in extra_files(args.artifact, manifest):  # informational: the runtime never opens these
+    for name in extras:  # informational: the runtime never opens these
         console.print(f"  extra: {escape(name)} (not in the manifest; never opened)")
     console.print(f"all {len(manifest.files)} files match the manifest")
     _next(f"kiln caption {args.artifact} IMAGE")
@@ -285,6 +381,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         options=_scheme_options(args.option),
         min_agreement=args.min_agreement,
         min_psnr=args.min_psnr,
+        max_new_empty=None if args.max_new_empty < 0 else args.max_new_empty,
         num_images=args.num_images,
         num_prompts=args.num_prompts,
         quality_steps=args.quality_steps,
@@ -311,6 +408,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quality = manifest.quantization["quality"]
     figures = ", ".join(f"{k} {v}" for k, v in quality.items() if isinstance(v, (int, float)))
     console.print(f"  quality vs parent: {figures}")
+    if args.json:
+        _print_json(
+            {"out": args.out, "size_bytes": size, "parent_size_bytes": parent_size, **manifest.quantization}
+        )
     if manifest.task == "text-to-image":
         _next(f'kiln generate {args.out} "a prompt"')
     else:
@@ -352,8 +453,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         console.print(f"  {row['name']:14} p50 {p50 * 1e3:8.1f} ms  {eager / p50:5.2f}x eager")
     for check in report["targets"]:
         console.print(f"  {'met' if check['met'] else 'MISSED':6} {check['target']}: {check['value']:.2f}")
+    missed = {row["name"]: row["gate"] for row in report["variants"] if row.get("gate")}
+    for name, misses in missed.items():
+        console.print(f"  gate   {name} misses kiln quantize's gates: {'; '.join(misses)}")
+    if args.json:
+        _print_json(_bench_summary(report))
     _next(f"less {Path(args.out) / 'report.md'}")
+    if missed and args.gate:
+        raise ValidationFailedError(
+            f"{len(missed)} variant(s) missed their quality gates: {', '.join(missed)}."
+        )
     return 0
+
+
+def _bench_summary(report: dict) -> dict:
+    """report.json without per-job detail: what a CI step compares."""
+    eager = report["variants"][0]["latency"]["p50_s"]
+    rows = [
+        {
+            "name": row["name"],
+            "p50_s": row["latency"]["p50_s"],
+            "speedup_vs_eager": eager / row["latency"]["p50_s"],
+            "size_bytes": row.get("size_bytes"),
+            "peak_rss_bytes": row.get("peak_rss_bytes"),
+            "quality": row.get("quality"),
+            "gate": row.get("gate", []),
+        }
+        for row in report["variants"]
+    ]
+    return {"command": report["command"], "variants": rows, "targets": report["targets"]}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -392,7 +520,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
-    from modelkiln.runtime.session import BACKENDS
+    from modelkiln.backends import BACKENDS
 
     parser.add_argument("--backend", default="cpu", choices=list(BACKENDS), help="execution backend")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
@@ -434,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep standard ONNX ops only: no onnxruntime MultiHeadAttention (for runtimes other than onnxruntime)",
     )
-    export.set_defaults(run=cmd_export)
+    export.set_defaults(run=cmd_export, loads_models=True)
 
     caption = commands.add_parser("caption", help="caption images with an artifact")
     caption.add_argument("artifact")
@@ -487,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (runs their code)"
     )
     validate.add_argument("--backend", default="cpu", help="execution backend")
-    validate.set_defaults(run=cmd_validate)
+    validate.set_defaults(run=cmd_validate, loads_models=True)
 
     from modelkiln.quantize.schemes import SCHEMES
 
@@ -506,7 +634,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--option", action="append", default=[], help=f"scheme option KEY=VALUE ({options_help})"
     )
     quantize.add_argument(
-        "--min-agreement", type=float, help="fail below this caption match rate vs the parent"
+        "--min-agreement", type=float, help="fail below this caption match rate vs the parent (0..1)"
+    )
+    quantize.add_argument(
+        "--max-new-empty",
+        type=int,
+        default=0,
+        help="captioners: fail when more held-out images than this get an empty caption where the parent "
+        "captioned (a broken quantized decoder, transformers#30383); default 0, -1 turns the gate off",
     )
     quantize.add_argument(
         "--num-images", type=int, default=16, help="held-out images for the quality figures"
@@ -532,17 +667,21 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calibration-images", help="folder of calibration images for int8-static")
     quantize.add_argument("--num-calibration", type=int, default=8, help="calibration images for int8-static")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    quantize.set_defaults(run=cmd_quantize)
+    quantize.add_argument("--json", action="store_true", help="print the recipe and quality figures as JSON")
+    quantize.set_defaults(run=cmd_quantize, loads_models=True)
 
     inspect = commands.add_parser("inspect", help="summarise an artifact's manifest")
     inspect.add_argument("artifact")
+    inspect.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     inspect.set_defaults(run=cmd_inspect)
 
     verify = commands.add_parser("verify", help="check every file's hash against the manifest")
     verify.add_argument("artifact")
+    verify.add_argument("--json", action="store_true", help="print the problems found as JSON")
     verify.set_defaults(run=cmd_verify)
 
     families = commands.add_parser("families", help="list the supported model families")
+    families.add_argument("--json", action="store_true", help="print the families as JSON")
     families.set_defaults(run=cmd_families)
 
     bench = commands.add_parser("bench", help="latency, memory, size and quality of variants vs PyTorch")
@@ -579,38 +718,64 @@ def build_parser() -> argparse.ArgumentParser:
         "--peers", help="comma-separated toolchains to time too (optimum): each gets its own virtualenv, once"
     )
     bench.add_argument("--peers-dir", help="folder for peer virtualenvs (default ~/.cache/modelkiln/peers)")
-    bench.set_defaults(run=cmd_bench)
+    bench.add_argument(
+        "--gate",
+        action="store_true",
+        help="exit 1 when a variant misses kiln quantize's quality gates (default: mark it in the report)",
+    )
+    bench.add_argument("--json", action="store_true", help="print a summary of the report as JSON")
+    bench.set_defaults(run=cmd_bench, loads_models=True)
 
     build = commands.add_parser("build", help="build every artifact a recipe (TOML) declares, with gates")
     build.add_argument("recipe", help="recipe .toml file, or a shipped recipe name (shapes-captioner)")
     build.add_argument("--out", help="build folder (default build/<recipe name>); unchanged steps are cached")
-    build.set_defaults(run=cmd_build)
+    build.set_defaults(run=cmd_build, loads_models=True)
 
     demo = commands.add_parser("demo", help="export, run and validate the shipped shapes captioner")
     demo.add_argument("--out", default="kiln-demo", help="folder for the artifact and the drawn images")
     demo.add_argument("--num-images", type=int, default=6, help="images to draw and caption")
-    demo.set_defaults(run=cmd_demo)
+    demo.set_defaults(run=cmd_demo, loads_models=True)
     return parser
 
 
 def cmd_families(args: argparse.Namespace) -> int:
     from modelkiln.registry import FAMILIES
 
-    for family in FAMILIES.values():
-        print(f"{family.name:10} {family.task:14} {family.description}")
+    if args.json:
+        _print_json(
+            [{"name": f.name, "task": f.task, "description": f.description} for f in FAMILIES.values()]
+        )
+    else:
+        name_width = max(len(name) for name in FAMILIES)
+        task_width = max(len(family.task) for family in FAMILIES.values())
+        for family in FAMILIES.values():
+            print(f"{family.name:{name_width}}  {family.task:{task_width}}  {family.description}")
     _next("kiln export --model SRC --out DIR")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Commands that load PyTorch models run with the libraries' progress bars and chatter hidden.
+    parser.set_defaults(loads_models=False)
+    args = parser.parse_args(argv)
     args.argv = argv  # the exact command line, for reports
     try:
-        return args.run(args)
+        with _quiet_model_loading() if args.loads_models else contextlib.nullcontext():
+            return args.run(args)
     except KilnError as exc:
         # Escaped: messages quote user text and TOML sections like [export], which rich reads as markup.
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        console.print(
+            f"[red]error:[/red] kiln {args.command} needs the {extra} tools ({exc.name} is not installed). "
+            f"Install them with: pip install {escape(repr(f'modelkiln[{extra}]'))}"
+        )
+        return 2
     except KeyboardInterrupt:
         console.print("interrupted; no partial artifact was left behind")
         return 130

@@ -106,7 +106,7 @@ def _check_not_quantized(source) -> None:
 def bnb_config_dict(scheme: str, options: dict) -> dict[str, Any]:
     from .schemes import get_scheme
 
-    return get_scheme(scheme).apply(options)
+    return get_scheme(scheme).load_apply()(options)
 
 
 def torch_bnb_kwargs(scheme: str, options: dict) -> dict[str, Any]:
@@ -127,13 +127,45 @@ def load_quantized(source, family: Family, scheme: str, options: dict, trust_rem
     from modelkiln.runtime.torch_captioning import model_class
 
     _require_bitsandbytes()
+    settings = torch_bnb_kwargs(scheme, options)
+    if settings.get("load_in_4bit"):
+        settings["llm_int8_skip_modules"] = four_bit_skips(
+            source, model_class(family.name), trust_remote_code
+        )
     # The exporters' loading rule: fp32, safetensors only unless the source was resolved with allow_pickle.
     return load_pretrained(
         source,
         model_class(family.name),
         trust_remote_code,
-        quantization_config=BitsAndBytesConfig(**torch_bnb_kwargs(scheme, options)),
+        quantization_config=BitsAndBytesConfig(**settings),
     )
+
+
+BNB_4BIT_BLOCK = 64  # weights per bitsandbytes 4-bit quantization block (its blocksize default)
+
+
+def four_bit_skips(source, loader, trust_remote_code: bool = False) -> list[str]:
+    """Modules a 4-bit scheme keeps in full precision: transformers' own choice (tied and output
+    embeddings), plus every Linear whose input width is not a whole number of 4-bit blocks.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights block by block on the first forward
+    and fails on such a layer (``shape '[96, 0]' is invalid``); a checkpoint quantized elsewhere would
+    then crash there. Real checkpoints have no such layer; small models do. Listed in the manifest's
+    bitsandbytes_config.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    config = loader.config_class.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = loader._from_config(config)  # on the meta device: names and shapes, no weights
+    narrow = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.in_features % BNB_4BIT_BLOCK
+    ]
+    return sorted({*get_keys_to_not_convert(model), *narrow})
 
 
 def _require_bitsandbytes() -> None:

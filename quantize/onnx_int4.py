@@ -18,8 +18,6 @@ import onnx
 
 from .graph_prep import count_ops, embedding_gathers, quiet_quantizer_logs, weight_matmuls
 
-ALGORITHMS = ("rtn", "hqq")  # GPTQ needs calibration data through onnxruntime's own reader; not offered
-
 
 def _algo_config(options: dict):
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits  # imported under quiet logs

@@ -57,6 +57,9 @@ class QuantizeConfig:
     min_psnr: float | None = (
         None  # gate (diffusion): fail when any prompt's image PSNR vs the parent is below
     )
+    # Gate (captioners): fail when more held-out images than this get an empty caption where the parent
+    # captioned one: the collapse a broken quantized decoder shows (transformers#30383). None: off.
+    max_new_empty: int | None = 0
     num_images: int = 16  # held-out drawn images the quality is measured on (captioners)
     num_prompts: int = 4  # held-out prompts the quality is measured on (diffusion)
     quality_steps: int = 4  # denoising steps per quality image (diffusion)
@@ -68,6 +71,23 @@ class QuantizeConfig:
     calibration_prompts: str | None = None  # text file, one prompt per line; None: built-in prompts
     calibration_steps: int = 8  # denoising steps per calibration prompt: activations across timesteps
     overwrite: bool = False  # replace an existing output directory
+
+    def __post_init__(self) -> None:
+        # Checked on construction, so a gate that can never pass or never fail stops before any work.
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise KilnError(
+                f"--min-agreement {self.min_agreement} is outside 0..1: it is the share of captions "
+                "that must match the parent's (e.g. 0.95)."
+            )
+        if self.min_psnr is not None and not 0.0 <= self.min_psnr < float("inf"):
+            raise KilnError(f"--min-psnr {self.min_psnr} must be a finite number of dB, 0 or more (e.g. 30).")
+        if self.max_new_empty is not None and (
+            isinstance(self.max_new_empty, bool) or self.max_new_empty < 0
+        ):
+            raise KilnError(f"--max-new-empty {self.max_new_empty} must be a whole number, 0 or more.")
+        for name in ("num_images", "num_prompts", "quality_steps", "num_calibration", "calibration_steps"):
+            if getattr(self, name) < 1:
+                raise KilnError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
 
 
 def _components(manifest: Manifest, config: QuantizeConfig) -> tuple[str, ...]:
@@ -96,7 +116,7 @@ def _quantize_graph(
     excluded = excluded_nodes(model, (*recipe_exclude(manifest, name), *config.exclude))
     scheme = get_scheme(config.scheme)
     extra = {"calibration": feeds[name]} if scheme.calibrated else {}
-    stats = scheme.apply(
+    stats = scheme.load_apply()(
         model, staging / spec.file, options, excluded, spec.external_data is not None, **extra
     )
     if stats["quantized_nodes"] == 0:
@@ -151,12 +171,16 @@ def relative_parent(parent: str | os.PathLike, out: str | os.PathLike) -> str:
     return Path(os.path.relpath(Path(parent).absolute(), Path(out).absolute())).as_posix()
 
 
-def _gate(quality: dict, config: QuantizeConfig) -> list[str]:
+def gate_failures(quality: dict, config: QuantizeConfig) -> list[str]:
+    """What the figures miss of the config's gates, one readable line each; [] when all pass."""
     failures = []
     if config.min_agreement is not None and quality["agreement"] < config.min_agreement:
         failures.append(f"agreement {quality['agreement']:.3f} < --min-agreement {config.min_agreement}")
-    if quality.get("new_empty_captions"):
-        failures.append(f"{quality['new_empty_captions']} empty captions where the parent captioned")
+    new_empty = quality.get("new_empty_captions", 0)
+    if config.max_new_empty is not None and new_empty > config.max_new_empty:
+        failures.append(
+            f"{new_empty} empty captions where the parent captioned > --max-new-empty {config.max_new_empty}"
+        )
     if config.min_psnr is not None and quality.get("psnr_min", float("inf")) < config.min_psnr:
         failures.append(f"worst image PSNR {quality['psnr_min']:.1f} dB < --min-psnr {config.min_psnr}")
     if quality.get("non_finite_images"):
@@ -166,7 +190,7 @@ def _gate(quality: dict, config: QuantizeConfig) -> list[str]:
 
 def record_quality(staging: Path, variant: Manifest, quality: dict, config: QuantizeConfig) -> Manifest:
     """Write the figures into the staged manifest; below the gate raise, so the staging dir is dropped."""
-    failures = _gate(quality, config)
+    failures = gate_failures(quality, config)
     variant = replace(variant, quantization={**variant.quantization, "quality": quality, "gate": failures})
     write_manifest(staging, variant)
     if failures:

@@ -1,22 +1,23 @@
 """The quantization scheme registry: a plain dict from scheme name to how it is applied.
 
-scheme = get_scheme("int8-dynamic")
-stats = scheme.apply(model, out_path, options, exclude, external_data)   # kind "onnx"
-bnb_kwargs = scheme.apply(options)                                        # kind "torch" (bitsandbytes)
+A leaf: it imports nothing heavier than the standard library, so the CLI can list schemes and check
+options before onnx or torch is loaded. Each scheme names the function that makes it by import path::
+
+    scheme = get_scheme("int8-dynamic")
+    stats = scheme.load_apply()(model, out_path, options, exclude, external_data)   # kind "onnx"
+    bnb_kwargs = scheme.load_apply()(options)                                        # kind "torch"
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from modelkiln.errors import KilnError
 
-from .bnb import fp4_config, int8_config, nf4_config
-from .onnx_fp16 import convert_fp16
-from .onnx_int4 import ALGORITHMS, quantize_int4_weight
-from .onnx_int8 import quantize_int8_dynamic, quantize_int8_static
+INT4_ALGORITHMS = ("rtn", "hqq")  # GPTQ needs calibration data through onnxruntime's own reader; not offered
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,17 @@ class Scheme:
     name: str  # registry key, recorded in the manifest
     precision: str  # what the quantized weights are stored as
     description: str  # one line for help texts and reports
-    # onnx: (model, out_path, options, exclude, external_data) -> stats; torch: options -> BitsAndBytesConfig kwargs
-    apply: Callable[..., dict]
+    # "module:function" that makes it. onnx: (model, out_path, options, exclude, external_data) -> stats;
+    # torch: options -> BitsAndBytesConfig kwargs. Imported on use, so listing schemes stays cheap.
+    apply: str
     options: dict  # option name -> default; anything else is refused
+    choices: dict[str, tuple] = field(default_factory=dict)  # option name -> the values it accepts
     calibrated: bool = False  # apply also takes recorded input feeds (static activation ranges)
     kind: str = "onnx"  # "onnx" rewrites the parent's graphs; "torch" makes a torch artifact (quantize.bnb)
+
+    def load_apply(self) -> Callable[..., dict]:
+        module, _, name = self.apply.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -38,14 +45,14 @@ SCHEMES: dict[str, Scheme] = {
         name="int8-dynamic",
         precision="int8",
         description="onnxruntime dynamic quantization: int8 per-channel weights, activations quantized per call",
-        apply=quantize_int8_dynamic,
+        apply="modelkiln.quantize.onnx_int8:quantize_int8_dynamic",
         options={"per_channel": True, "quantize_embeddings": True},
     ),
     "int4-weight": Scheme(
         name="int4-weight",
         precision="int4",
-        description=f"MatMulNBits weight-only int4, 128-weight blocks ({'/'.join(ALGORITHMS)}), accuracy_level 4",
-        apply=quantize_int4_weight,
+        description=f"MatMulNBits weight-only int4, 128-weight blocks ({'/'.join(INT4_ALGORITHMS)}), accuracy_level 4",
+        apply="modelkiln.quantize.onnx_int4:quantize_int4_weight",
         options={
             # One fp32 scale per 128 weights: 0.53 bytes a weight against 0.63 at 32, which is what
             # brings a full ViT-GPT2 to 18% of its fp32 size (20.2% at 32) with the same agreement on
@@ -56,12 +63,14 @@ SCHEMES: dict[str, Scheme] = {
             "algorithm": "rtn",
             "quantize_embeddings": True,
         },
+        # MatMulNBits takes power-of-two blocks of at least 16 weights.
+        choices={"block_size": (16, 32, 64, 128, 256), "algorithm": INT4_ALGORITHMS},
     ),
     "int8-static": Scheme(
         name="int8-static",
         precision="int8",
         description="QDQ int8 with activation ranges calibrated on recorded inputs (images, decode steps)",
-        apply=quantize_int8_static,
+        apply="modelkiln.quantize.onnx_int8:quantize_int8_static",
         options={"per_channel": True, "symmetric_activations": False},
         calibrated=True,
     ),
@@ -69,14 +78,14 @@ SCHEMES: dict[str, Scheme] = {
         name="fp16",
         precision="fp16",
         description="float16 with LayerNorm/Softmax and --exclude nodes kept fp32; fp32 inputs/outputs (GPU format)",
-        apply=convert_fp16,
+        apply="modelkiln.quantize.onnx_fp16:convert_fp16",
         options={"keep_fp32_ops": True},
     ),
     "bnb-int8": Scheme(
         name="bnb-int8",
         precision="int8",
         description="bitsandbytes LLM.int8 (Linear8bitLt): a PyTorch variant run with transformers",
-        apply=int8_config,
+        apply="modelkiln.quantize.bnb:int8_config",
         options={"llm_int8_threshold": 6.0},
         kind="torch",
     ),
@@ -84,7 +93,7 @@ SCHEMES: dict[str, Scheme] = {
         name="bnb-nf4",
         precision="nf4",
         description="bitsandbytes 4-bit NormalFloat (Linear4bit): a PyTorch variant run with transformers",
-        apply=nf4_config,
+        apply="modelkiln.quantize.bnb:nf4_config",
         options={"double_quant": False},
         kind="torch",
     ),
@@ -92,7 +101,7 @@ SCHEMES: dict[str, Scheme] = {
         name="bnb-fp4",
         precision="fp4",
         description="bitsandbytes 4-bit float (Linear4bit): a PyTorch variant run with transformers",
-        apply=fp4_config,
+        apply="modelkiln.quantize.bnb:fp4_config",
         options={"double_quant": False},
         kind="torch",
     ),
@@ -113,12 +122,11 @@ def resolve_options(scheme: Scheme, given: dict) -> dict:
             f"scheme {scheme.name} has no option {', '.join(unknown)}. Its options: {', '.join(scheme.options)}."
         )
     options = {**scheme.options, **given}
-    if scheme.name == "int4-weight":
-        if options["block_size"] not in (16, 32, 64, 128, 256):
-            raise KilnError(f"block_size {options['block_size']} is not supported: use 32, 64 or 128.")
-        if options["algorithm"] not in ALGORITHMS:
+    for key, allowed in scheme.choices.items():
+        if options[key] not in allowed:
             raise KilnError(
-                f"algorithm {options['algorithm']!r} is not offered: use {' or '.join(ALGORITHMS)}."
+                f"scheme {scheme.name}: {key} {options[key]!r} is not supported. "
+                f"Use one of {', '.join(map(str, allowed))}."
             )
     return options
 

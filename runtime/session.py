@@ -11,21 +11,9 @@ from dataclasses import dataclass
 
 import onnxruntime as ort
 
+from modelkiln.backends import BACKENDS, INSTALL_HINT
 from modelkiln.confine import confined_name, external_data_locations
 from modelkiln.errors import KilnError
-
-# Backend name -> onnxruntime execution providers, in preference order. CPU stays last so that
-# operators a GPU provider lacks still run.
-BACKENDS: dict[str, tuple[str, ...]] = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
-
-_INSTALL_HINT = {
-    "cuda": "install the GPU build: pip install 'modelkiln[gpu]' (onnxruntime-gpu) on a machine with CUDA",
-    "tensorrt": "install onnxruntime-gpu built with TensorRT, and TensorRT itself ('modelkiln[tensorrt]')",
-}
 
 
 @dataclass(frozen=True)
@@ -46,7 +34,7 @@ def providers_for(backend: str) -> list[str]:
     if wanted[0] not in available:
         raise KilnError(
             f"backend {backend!r} needs onnxruntime's {wanted[0]}, which this onnxruntime lacks "
-            f"(available: {', '.join(sorted(available))}). To fix it, {_INSTALL_HINT[backend]}; "
+            f"(available: {', '.join(sorted(available))}). To fix it, {INSTALL_HINT[backend]}; "
             "or use --backend cpu."
         )
     return list(wanted)

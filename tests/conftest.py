@@ -66,3 +66,23 @@ def tiny_diffusion(tmp_path_factory):
         return sources[name], artifacts[key]
 
     return get
+
+
+@pytest.fixture()
+def measured_agreement(monkeypatch):
+    """Make the next quantizations measure this caption agreement (the other figures stay real).
+
+    Which tokens an int8 or int4 random tiny model emits depends on the CPU's int8 path (VNNI or not),
+    so a gate test that needs a figure below its limit sets the figure instead of hoping for it.
+    """
+    from modelkiln.quantize import quantize as quantize_module
+
+    real = quantize_module.measure_quality
+
+    def patch(agreement: float) -> None:
+        def measure(*args, **kwargs):
+            return {**real(*args, **kwargs), "agreement": agreement}
+
+        monkeypatch.setattr(quantize_module, "measure_quality", measure)
+
+    return patch

@@ -1,5 +1,5 @@
-"""Run the captioning runtime in a subprocess where torch, transformers and diffusers cannot be imported,
-as on an edge box without them.
+"""Run the captioning runtime and the CLI in a subprocess where torch, transformers, diffusers and onnx
+cannot be imported, as on an edge box with the runtime-only install (`pip install modelkiln`).
 
     report = caption_without_torch(artifact, tmp_path, prompt=None, max_new_tokens=5, num_beams=2)
     report["captions"], report["loaded"]   # captions of two fixed images; heavy modules that got loaded
@@ -14,26 +14,39 @@ import textwrap
 
 import numpy as np
 
-BLOCKED = ("torch", "transformers", "diffusers")
+BLOCKED = ("torch", "transformers", "diffusers", "onnx")
 
 
 def fixed_image() -> np.ndarray:
     return (np.arange(40 * 30 * 3) % 255).astype(np.uint8).reshape(40, 30, 3)
 
 
+# Prepended to a script: any import of the blocked packages fails as it does where they are not installed.
+BLOCKER = textwrap.dedent(
+    f"""
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {set(BLOCKED)!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def kiln_without_torch(argv: list[str], cwd) -> subprocess.CompletedProcess:
+    """``kiln ARGV`` in a subprocess with the blocked packages unimportable."""
+    script = BLOCKER + f"from modelkiln.cli import main\nsys.exit(main({[str(a) for a in argv]!r}))\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd)
+
+
 def caption_without_torch(artifact, cwd, **options) -> dict:
-    script = textwrap.dedent(
+    script = BLOCKER + textwrap.dedent(
         f"""
-        import importlib.abc, json, sys
-
-        class Block(importlib.abc.MetaPathFinder):
-            # Any import of these raises, as on a machine where they are not installed.
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {set(BLOCKED)!r}:
-                    raise ImportError(f"blocked: {{name}}")
-                return None
-
-        sys.meta_path.insert(0, Block())
+        import json
         import numpy as np
         from modelkiln import runtime
         pipe = runtime.load({str(artifact)!r})

@@ -192,3 +192,38 @@ def test_targets_table_says_how_far_a_miss_is():
     table = targets_table(checks)
     assert "| int8 end-to-end speed-up vs eager | 3 | 2.900 | MISSED | 0.100 beyond the limit |" in table
     assert "| int4 size vs fp32 ONNX | 0.2 | 0.180 | met | - |" in table
+
+
+def test_a_variant_below_a_quantize_gate_is_a_marked_row_and_gate_makes_it_fail(
+    bench, report, tmp_path, capsys
+):
+    # A copy of the run's int8 variant whose recorded figures miss the default empty-caption gate.
+    import shutil
+
+    variant = tmp_path / "weak-int8"
+    shutil.copytree(bench[1].parent / "artifacts" / "int8-dynamic", variant)
+    manifest = json.loads((variant / "manifest.json").read_text())
+    manifest["quantization"]["quality"]["new_empty_captions"] = 3
+    (variant / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "results"
+    argv = ["bench", "--model", report["source"], "--variant", str(variant), "--out", str(out), "--no-rss"]
+    argv += ["--repeats", "1", "--warmup", "0", "--images", "1", "--max-new-tokens", "4", "--json"]
+    assert main([*argv, "--gate"]) == 1
+    captured = capsys.readouterr()
+    assert "1 variant(s) missed their quality gates: int8-dynamic" in captured.err
+    rows = {row["name"]: row for row in json.loads(captured.out)["variants"]}
+    assert rows["int8-dynamic"]["gate"] == ["3 empty captions where the parent captioned > --max-new-empty 0"]
+    assert rows["pytorch-eager"]["p50_s"] > 0  # the other rows are all there
+    assert "| MISSED: 3 empty captions where the parent captioned" in (out / "report.md").read_text()
+
+
+def test_a_pickle_only_source_is_refused_with_what_to_do(small_source, tmp_path, capsys):
+    (tmp_path / "config.json").write_text((small_source / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    assert main(["bench", "--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "holds only pickle weights" in err
+        and "safe_serialization=True" in err
+        and "--allow-pickle" not in err
+    )

@@ -120,11 +120,13 @@ def test_quality_figures_are_computed(variant):
     assert 0.0 <= quality["agreement"] <= 1.0 and 0.0 <= quality["token_agreement"] <= 1.0
 
 
-def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(variant, parent, tmp_path):
-    scheme, _, manifest = variant
-    reached = manifest.quantization["quality"]["agreement"]
-    config = QuantizeConfig(scheme, num_images=NUM_IMAGES, min_agreement=reached + 0.01)
-    with pytest.raises(ValidationFailedError, match=r"agreement .* < --min-agreement"):
+def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(
+    variant, parent, tmp_path, measured_agreement
+):
+    scheme, _, _ = variant
+    measured_agreement(0.5)  # bitsandbytes' CPU kernels differ between CPUs too: set the figure
+    config = QuantizeConfig(scheme, num_images=NUM_IMAGES, min_agreement=0.51)
+    with pytest.raises(ValidationFailedError, match=r"agreement 0.500 < --min-agreement 0.51"):
         quantize_artifact(parent[1], tmp_path / "gated", config)
     assert list(tmp_path.iterdir()) == []
 

@@ -51,7 +51,8 @@ def _images():
 def test_onnx_scheme_on_family(family_artifact, tmp_path, scheme):
     family, _, artifact, prompt = family_artifact
     options, node_type = ONNX_SCHEMES[scheme]
-    config = QuantizeConfig(scheme, options=options, num_images=2, num_calibration=2)
+    # No empty-caption gate: which tokens a random int8/int4 model emits depends on the CPU's int8 path.
+    config = QuantizeConfig(scheme, options=options, num_images=2, num_calibration=2, max_new_empty=None)
     try:
         manifest = quantize_artifact(artifact, tmp_path / "variant", config)
     except Exception as error:  # a gate may refuse a tiny random model; the refusal must say why

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -90,19 +92,65 @@ def test_scheme_makes_a_smaller_runnable_variant_with_quality_figures(
     assert isinstance(captions[0][0]["generated_text"], str)
 
 
-def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(small_artifact, tmp_path):
-    reached = quantize_artifact(
-        small_artifact, tmp_path / "first", QuantizeConfig("int8-dynamic", num_images=4)
-    )
-    agreement = reached.quantization["quality"]["agreement"]
-    assert agreement < 1.0, "the tiny random model should not be quantized losslessly"
+def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(
+    small_artifact, tmp_path, measured_agreement
+):
+    config = QuantizeConfig("int8-dynamic", num_images=4, max_new_empty=None)
+    reached = quantize_artifact(small_artifact, tmp_path / "first", config)
+    assert reached.quantization["gate"] == []
+    measured_agreement(0.5)
     out = tmp_path / "gated"
-    with pytest.raises(ValidationFailedError, match=r"agreement .* < --min-agreement"):
-        quantize_artifact(
-            small_artifact, out, QuantizeConfig("int8-dynamic", num_images=4, min_agreement=agreement + 0.01)
-        )
+    with pytest.raises(ValidationFailedError, match=r"agreement 0.500 < --min-agreement 0.51"):
+        quantize_artifact(small_artifact, out, replace(config, min_agreement=0.51))
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
+
+
+def test_new_empty_captions_gate_is_named_and_can_be_relaxed(small_artifact, tmp_path, monkeypatch):
+    from modelkiln.quantize import quantize as quantize_module
+
+    real = quantize_module.measure_quality
+    monkeypatch.setattr(
+        quantize_module, "measure_quality", lambda *a, **k: {**real(*a, **k), "new_empty_captions": 2}
+    )
+    config = QuantizeConfig("int8-dynamic", num_images=4)
+    with pytest.raises(
+        ValidationFailedError, match=r"2 empty captions where the parent captioned > --max-new-empty 0"
+    ):
+        quantize_artifact(small_artifact, tmp_path / "strict", config)
+    assert not (tmp_path / "strict").exists()
+    relaxed = quantize_artifact(small_artifact, tmp_path / "relaxed", replace(config, max_new_empty=2))
+    assert relaxed.quantization["gate"] == [] and relaxed.quantization["quality"]["new_empty_captions"] == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"min_agreement": 1.01}, r"--min-agreement 1.01 is outside 0..1"),
+        ({"min_agreement": -0.5}, r"--min-agreement -0.5 is outside 0..1"),
+        ({"min_psnr": -1.0}, r"--min-psnr -1.0 must be a finite number of dB"),
+        ({"max_new_empty": -2}, r"--max-new-empty -2 must be a whole number, 0 or more"),
+        ({"num_images": 0}, r"--num-images must be at least 1"),
+    ],
+)
+def test_gate_values_outside_their_range_are_refused_before_any_work(options, message):
+    with pytest.raises(KilnError, match=message):
+        QuantizeConfig("int8-dynamic", **options)
+
+
+def test_cli_refuses_an_impossible_gate_before_reading_the_artifact(tmp_path, capsys):
+    argv = [
+        "quantize",
+        str(tmp_path / "no-such-artifact"),
+        "--scheme",
+        "int8-dynamic",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--min-agreement", "1.01"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-agreement 1.01 is outside 0..1" in err and "no-such-artifact" not in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(("scheme", "options"), [("int8-dynamic", {}), ("int4-weight", {"block_size": 16})])
@@ -187,12 +235,15 @@ def test_option_parsing_types_values_from_the_scheme_table():
         parse_option("block_size=big")
 
 
-def test_cli_quantize_and_gate_exit_codes(small_artifact, wide_artifact, tmp_path, capsys):
+def test_cli_quantize_and_gate_exit_codes(
+    small_artifact, wide_artifact, tmp_path, capsys, measured_agreement
+):
     argv = ["quantize", str(wide_artifact), "--scheme", "int4-weight", "--out", str(tmp_path / "q4")]
     code = main([*argv, "--num-images", "2", "--option", "block_size=16"])
     err = capsys.readouterr().err
     assert code == 0 and "MatMulNBits nodes" in err and "next: kiln caption" in err
+    measured_agreement(0.5)
     argv = ["quantize", str(small_artifact), "--scheme", "int8-dynamic", "--out", str(tmp_path / "q8")]
-    code = main([*argv, "--num-images", "4", "--min-agreement", "1.0", "--option", "per_channel=true"])
+    code = main([*argv, "--num-images", "4", "--min-agreement", "0.75", "--option", "per_channel=true"])
     assert code == 1 and "quality gate failed" in capsys.readouterr().err
     assert not (tmp_path / "q8").exists()
