@@ -11,6 +11,7 @@ Used by ``modelkiln.exporters.export.export_model``; see that module for the cal
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,42 @@ def load_model(
     return PipelineModels(source, PIPELINE, lora, without, max_sequence_length=length)
 
 
+# Tracing patch: the centred crop of the position embedding, made exact at every size.
+#
+# diffusers' PatchEmbed.cropped_pos_embed slices rows top:top + h with top = (max - h) // 2, h the
+# latent patches. torch.export simplifies the slice end to max // 2 + h + (-h) // 2, and the ONNX
+# translation of a symbolic floor division (onnxscript's operator_floordiv) is a truncating Div, which
+# is wrong for the negative -h: at every odd patch count the graph's crop kept one row (or column) too
+# many and onnxruntime failed on the broadcast ("6 by 8"). The patched crop below gathers the rows
+# arange(h) + top and columns arange(w) + left instead: the only floor divisions left have
+# non-negative operands, so truncation equals floor, and the crop follows the dynamic shape exactly
+# (nothing shape-dependent is left to feed from outside the graph). Same values as diffusers' crop.
+def _exact_cropped_pos_embed(self, height: int, width: int) -> torch.Tensor:
+    """PatchEmbed.cropped_pos_embed, with index gathers in place of the slice (see above)."""
+    limit = self.pos_embed_max_size
+    rows, cols = height // self.patch_size, width // self.patch_size
+    if rows > limit or cols > limit:
+        raise ValueError(f"{rows}x{cols} patches exceed pos_embed_max_size {limit}.")
+    grid = self.pos_embed.reshape(1, limit, limit, -1)
+    device = grid.device
+    grid = grid.index_select(1, torch.arange(rows, device=device) + (limit - rows) // 2)
+    grid = grid.index_select(2, torch.arange(cols, device=device) + (limit - cols) // 2)
+    return grid.reshape(1, -1, grid.shape[-1])
+
+
+def _patch_pos_embed_crop(transformer: nn.Module) -> None:
+    """Install the exact crop on this transformer's patch embedding only (no global patching)."""
+    embed = getattr(transformer, "pos_embed", None)
+    if getattr(embed, "pos_embed_max_size", None):
+        embed.cropped_pos_embed = types.MethodType(_exact_cropped_pos_embed, embed)
+
+
 class SD3Denoiser(nn.Module):
     """One MMDiT call: noisy latents + text states + pooled text + timestep -> predicted velocity."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
+        _patch_pos_embed_crop(transformer)
         self.transformer = transformer
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
@@ -119,6 +151,9 @@ def runtime_config(models: PipelineModels) -> dict[str, Any]:
         "joint_attention_dim": transformer["joint_attention_dim"],
         "patch_size": transformer["patch_size"],
         "pos_embed_max_size": transformer.get("pos_embed_max_size"),
+        # The transformer graph crops its position embedding exactly at odd patch counts (see
+        # _exact_cropped_pos_embed); artifacts without this key take even patch counts only.
+        "exact_pos_embed_crop": True,
         "default_sample_size": transformer["sample_size"],
         "default_steps": 28,
         "default_guidance_scale": 7.0,
