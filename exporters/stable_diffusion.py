@@ -13,6 +13,8 @@ Used by ``modelkiln.exporters.export.export_model``::
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ PIPELINE = PipelineSpec(
     pipeline_class="StableDiffusionPipeline", denoiser="unet", lora_targets=("unet", "text_encoder")
 )
 EXPORT_OPTIONS = ("lora",)  # ExportConfig fields this family accepts
+SD_IMAGE_SIZE_MULTIPLE = 8  # StableDiffusionPipeline.check_inputs: height and width divisible by 8
 
 
 def load_model(
@@ -77,11 +80,17 @@ class UNetDenoiser(nn.Module):
 
 def denoiser_component(unet: nn.Module) -> Component:
     config = unet.config
-    # Latent sides must divide by the UNet's total upsampling, or diffusers takes a size-forwarding
-    # branch the trace would not hold; unequal sides keep the exporter from tying height to width.
+    # Tracing patch (by example, nothing monkeypatched): latent sides that do not divide by the UNet's
+    # total upsampling 2**n. On such sides diffusers' UNet2DConditionModel.forward sets
+    # forward_upsample_size and every upsampler interpolates to the size of its skip connection;
+    # on sides that divide, it upsamples by exactly 2. Traced on divisible sides, the graph held only
+    # the x2 branch and broke wherever the skips are odd (SD 1.5 at 72, 520 or 1000 px: 9, 65, 125
+    # latents). Traced on sides that do not divide, it holds the size-following branch, which gives
+    # the x2 result bit for bit wherever that applies, so one graph takes every side diffusers does.
+    # Unequal sides keep the exporter from tying height to width.
     multiple = 2**unet.num_upsamplers
     inputs = {
-        "sample": torch.randn(2, config.in_channels, 3 * multiple, 5 * multiple),
+        "sample": torch.randn(2, config.in_channels, 3 * multiple + 1, 5 * multiple + 1),
         "timestep": torch.tensor([981.0, 501.0]),
         "encoder_hidden_states": torch.randn(2, CLIP_LENGTH, config.cross_attention_dim),
     }
@@ -94,11 +103,28 @@ def denoiser_component(unet: nn.Module) -> Component:
     return Component("unet", UNetDenoiser(unet), inputs, ("noise_pred",), axes)
 
 
+@contextlib.contextmanager
+def _quiet_symbolic_fallback() -> Iterator[None]:
+    """The size-following upsampling (see denoiser_component) divides symbolic sizes; torch's sympy
+    interpreter logs a warning when it cannot fold that division and then falls back correctly. The
+    line would look like a failure in `kiln export`'s output, so it is muted for the UNet's export."""
+    logger = logging.getLogger("torch.utils._sympy.interp")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_components(models: PipelineModels) -> Iterator[Component]:
     """Each component in turn, loaded just before its export and released right after."""
     yield clip_component("text_encoder", models.module("text_encoder"), "hidden")
     models.release("text_encoder")
-    yield denoiser_component(models.module("unet"))
+    # The component is exported while this generator waits at the yield, so the logger stays quiet
+    # for exactly that export (see _quiet_symbolic_fallback).
+    with _quiet_symbolic_fallback():
+        yield denoiser_component(models.module("unet"))
     models.release("unet")
     yield vae_decoder_component(models.module("vae"))
     models.release("vae")
@@ -116,8 +142,12 @@ def runtime_config(models: PipelineModels) -> dict[str, Any]:
         "default_sample_size": unet["sample_size"],
         "default_steps": 50,
         "default_guidance_scale": 7.5,
-        # One upsampler per UNet block but the last: latent sides must divide by their product.
+        # One upsampler per UNet block but the last (artifacts from before the size-following UNet
+        # graph needed latent sides that divide by their product; see denoiser_component).
         "unet_size_multiple": 2 ** (len(unet["block_out_channels"]) - 1),
+        # The image side rule of diffusers' StableDiffusionPipeline.check_inputs (a literal 8, whatever
+        # the VAE); the UNet graph takes every latent size it leads to.
+        "image_size_multiple": SD_IMAGE_SIZE_MULTIPLE,
         **vae_runtime_config(models),
         "latent_channels": unet["in_channels"],  # diffusers draws unet.in_channels latent channels
     }
