@@ -3,8 +3,9 @@
 Graphs: ``text_encoder`` (CLIP-L, pooled output only), ``text_encoder_2`` (T5-XXL hidden states),
 ``transformer`` (``FluxTransformer2DModel`` on packed 2x2 latent patches; FLUX.1-dev's graph also takes
 the distilled ``guidance`` value, schnell's has no such input) and ``vae_decoder``. Batch, image
-sequence (latent patches) and text sequence are dynamic, so one artifact serves any size that is a
-multiple of 16 px and any T5 length up to 512.
+sequence (latent patches) and text sequence are dynamic, so one artifact serves any size diffusers'
+FluxPipeline does (multiples of 16 px; other sides it rounds down, and so does the runtime) and any T5
+length up to 512.
 
 Used by ``modelkiln.exporters.export.export_model``; see that module for the call.
 """

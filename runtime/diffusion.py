@@ -53,7 +53,7 @@ class Request:
     width: int  # output pixels
     images_per_prompt: int  # copies per prompt, each from its own noise
     generator: torch.Generator | None  # source of the initial noise
-    latents: torch.Tensor | None  # initial latents given by the caller instead of noise
+    latents: torch.Tensor | None  # caller's initial latents instead of noise: float32, CPU, shape checked
     max_sequence_length: int  # T5 prompt length in tokens
 
     @property
@@ -74,6 +74,29 @@ def load_scheduler(folder: Path):
             "Upgrade diffusers, or re-export with a pipeline whose scheduler it has."
         )
     return scheduler_class.from_config(config)
+
+
+def as_latents(latents: Any) -> torch.Tensor | None:
+    """Caller's latents as a float32 CPU tensor: a torch tensor or numpy array of any float dtype, cast
+    as diffusers casts ``latents=`` to the pipeline's dtype (fp32 here)."""
+    if latents is None:
+        return None
+    if isinstance(latents, np.ndarray):
+        if not np.issubdtype(latents.dtype, np.floating):
+            raise GenerationConfigError(
+                f"latents are a numpy array of {latents.dtype}; pass floating-point latents (float16/32/64)."
+            )
+        return torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32))
+    if isinstance(latents, torch.Tensor):
+        if not latents.is_floating_point():
+            raise GenerationConfigError(
+                f"latents are a torch tensor of {latents.dtype}; pass floating-point latents "
+                "(float16/32/64 or bfloat16)."
+            )
+        return latents.detach().to(device="cpu", dtype=torch.float32)
+    raise GenerationConfigError(
+        f"latents are a {type(latents).__name__}; pass a torch tensor or a numpy array of floats."
+    )
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -114,12 +137,16 @@ class TextToImagePipeline(abc.ABC):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         num_images_per_prompt: int = 1,
-        latents: torch.Tensor | None = None,
+        latents: torch.Tensor | np.ndarray | None = None,
         max_sequence_length: int | None = None,
         output_type: str = "pil",
         callback: Callable[[int, int], None] | None = None,
     ) -> TextToImageOutput:
-        """Generate images; ``callback(step, total)`` is called after every denoising step."""
+        """Generate images; ``callback(step, total)`` is called after every denoising step.
+
+        ``latents`` may be a torch tensor or a numpy array of any float dtype, in the layout the
+        diffusers pipeline's ``latents=`` takes; sizes and latents are checked before any graph runs.
+        """
         request = self.request(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
             generator, num_images_per_prompt, latents, max_sequence_length,
@@ -153,7 +180,7 @@ class TextToImagePipeline(abc.ABC):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         per_prompt: int = 1,
-        latents: torch.Tensor | None = None,
+        latents: torch.Tensor | np.ndarray | None = None,
         length: int | None = None,
     ) -> Request:
         """The checked settings of a call, defaults filled in (validation uses it to draw latents)."""
@@ -164,16 +191,17 @@ class TextToImagePipeline(abc.ABC):
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         default_size = self.config["default_sample_size"] * self.config["vae_scale_factor"]
+        height, width = self.image_size(height or default_size, width or default_size)
         request = Request(
             prompts=prompts,
             negatives=negatives,
             steps=steps or self.config["default_steps"],
             guidance_scale=self.config["default_guidance_scale"] if guidance is None else guidance,
-            height=height or default_size,
-            width=width or default_size,
+            height=height,
+            width=width,
             images_per_prompt=per_prompt,
             generator=generator,
-            latents=latents,
+            latents=as_latents(latents),
             max_sequence_length=length or self.config.get("max_sequence_length", 0),
         )
         self.check(request)
@@ -190,22 +218,70 @@ class TextToImagePipeline(abc.ABC):
         return negatives
 
     def check(self, request: Request) -> None:
-        """Sizes and counts the graphs can take; subclasses add their own limits."""
-        multiple = self.size_multiple()
+        """What the diffusers pipeline would refuse, refused before any graph runs; families add limits."""
         for side, value in (("height", request.height), ("width", request.width)):
-            if value <= 0 or value % multiple:
-                lower = max(multiple, value // multiple * multiple)
-                raise GenerationConfigError(
-                    f"{side} {value} is not a positive multiple of {multiple}, which this model needs "
-                    f"(VAE downsampling times the denoiser's patch or upsampling factor). Use {lower} or {lower + multiple}."
-                )
+            self.check_side(side, value)
         if request.steps < 1 or request.images_per_prompt < 1 or not request.prompts:
             raise GenerationConfigError(
                 "num_inference_steps, num_images_per_prompt and the prompts must be >= 1."
             )
+        if request.latents is not None:
+            expected = self.latent_shape(request)
+            if tuple(request.latents.shape) != expected:
+                raise GenerationConfigError(
+                    f"latents have shape {tuple(request.latents.shape)}; this request needs {expected} "
+                    f"({self.latent_layout}). Pass latents of that shape, or none to draw them from the seed."
+                )
+
+    def check_side(self, side: str, value: int) -> None:
+        """One image side against the diffusers pipeline's rule: a positive multiple, at most the largest."""
+        multiple, largest = self.size_multiple(), self.largest_side()
+        if value <= 0 or value % multiple:
+            raise GenerationConfigError(
+                f"{side} {value} is not a positive multiple of {multiple}, which this model needs "
+                f"({self.size_reason}). Use {self.nearest_sides(value)}."
+            )
+        if largest is not None and value > largest:
+            raise GenerationConfigError(
+                f"{side} {value} is larger than {self.largest_reason()} allows ({largest} px per side). "
+                f"Use {self.nearest_sides(value)}."
+            )
+
+    def nearest_sides(self, value: int) -> str:
+        """The valid sides next to ``value``: the multiples around it, kept within the smallest and largest."""
+        multiple, largest = self.size_multiple(), self.largest_side()
+        around = (value // multiple * multiple, -(-value // multiple) * multiple)
+        sides = {max(side, multiple) for side in around}
+        if largest is not None:
+            sides = {min(side, largest) for side in sides}
+        return " or ".join(str(side) for side in sorted(sides))
+
+    # -- size and latent hooks --------------------------------------------------------------------
+
+    size_reason = "VAE downsampling"  # why sides must divide by size_multiple(), for the error message
+    latent_layout = "batch, latent channels, height / VAE factor, width / VAE factor"  # for the error
 
     def size_multiple(self) -> int:
+        """What the diffusers pipeline requires the image sides to divide by."""
         return self.config["vae_scale_factor"]
+
+    def largest_side(self) -> int | None:
+        """The largest image side the model takes, or None when only memory limits it."""
+        return None
+
+    def largest_reason(self) -> str:
+        """What sets largest_side(), for the error message."""
+        return "this model"
+
+    def image_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size a request for ``height`` x ``width`` generates: as asked, unless diffusers rounds it."""
+        return height, width
+
+    def latent_shape(self, request: Request) -> tuple[int, ...]:
+        """Initial latents' shape in the layout the denoiser loop and diffusers' ``latents=`` use."""
+        factor = self.config["vae_scale_factor"]
+        channels = self.config["latent_channels"]
+        return (request.batch, channels, request.height // factor, request.width // factor)
 
     # -- helpers for the families -----------------------------------------------------------------
 
@@ -260,13 +336,10 @@ class TextToImagePipeline(abc.ABC):
         return randn_tensor(shape, generator=request.generator, dtype=torch.float32)
 
     def checked_latents(self, request: Request, shape: tuple[int, ...]) -> torch.Tensor:
+        """The request's latents (converted and shape-checked by request()), or noise of ``shape``."""
         if request.latents is None:
             return self.randn(shape, request)
-        if tuple(request.latents.shape) != tuple(shape):
-            raise GenerationConfigError(
-                f"latents have shape {tuple(request.latents.shape)}; this request needs {tuple(shape)}."
-            )
-        return request.latents.to(torch.float32)
+        return request.latents.clone()  # the loop must not write into the caller's tensor
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         """Unscaled latents -> [N, H, W, 3] floats in [0, 1]."""

@@ -7,9 +7,17 @@ Conditioning: CLIP-L's pooled embedding and T5's hidden states, with all-zero te
 Latents live packed as 2x2 patches, [B, (H/2)*(W/2), 4*C] (the layout diffusers' ``latents=`` takes),
 and are unpacked only for the VAE. FLUX.1-dev's ``guidance_scale`` feeds the transformer's guidance
 embedding; schnell has none and ignores it, as diffusers does. Neither runs a negative prompt.
+
+Image sizes: FluxPipeline does not refuse sides that miss its multiple (VAE factor x 2, 16 px for
+FLUX.1); it logs a warning and generates at the sides rounded down to it. Matching diffusers is the
+promise, so this runtime does the same, warning with the size it will generate (the image it returns
+has that size, as diffusers' does); sides that round down to nothing fail in diffusers and are refused
+here, before any graph runs.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -18,6 +26,7 @@ from modelkiln.errors import GenerationConfigError
 
 from .diffusion import Request, TextToImagePipeline
 
+LOGGER = logging.getLogger(__name__)
 CLIP_LENGTH = 77
 MAX_SEQUENCE_LENGTH = 512  # diffusers refuses longer T5 prompts for Flux
 
@@ -32,9 +41,26 @@ def _diffusers_flux():
 class FluxPipeline(TextToImagePipeline):
     """FLUX.1-dev (guidance embedding) and FLUX.1-schnell artifacts; the manifest says which."""
 
+    size_reason = "VAE downsampling times the 2x2 latent packing; larger sides are rounded down to it"
+    latent_layout = (
+        "batch, (height / (VAE factor x 2)) x (width / (VAE factor x 2)) patches, 4 x latent channels"
+    )
+
     def size_multiple(self) -> int:
         # The VAE's downsampling times the 2x2 packing of latents into patches.
         return self.config["vae_scale_factor"] * 2
+
+    def image_size(self, height: int, width: int) -> tuple[int, int]:
+        """diffusers' FluxPipeline rounding: sides down to the multiple, with a warning (see the top)."""
+        multiple = self.size_multiple()
+        # A side under the multiple has nothing to round to: check() refuses it, as diffusers fails on it.
+        rounded = tuple(side // multiple * multiple if side >= multiple else side for side in (height, width))
+        if rounded != (height, width) and min(rounded) >= multiple:
+            LOGGER.warning(
+                "%dx%d (height x width) is not a multiple of %d; generating %dx%d, as diffusers' FluxPipeline "
+                "does. Ask for that size to silence this.", height, width, multiple, *rounded,
+            )  # fmt: skip
+        return rounded
 
     def check(self, request: Request) -> None:
         super().check(request)
@@ -83,11 +109,16 @@ class FluxPipeline(TextToImagePipeline):
         factor = self.config["vae_scale_factor"] * 2
         return 2 * (request.height // factor), 2 * (request.width // factor)
 
+    def latent_shape(self, request: Request) -> tuple[int, ...]:
+        """Packed: [B, (H/2)*(W/2) latent patches, 4 * latent channels], as diffusers' ``latents=``."""
+        height, width = self.latent_size(request)
+        return (request.batch, (height // 2) * (width // 2), self.config["in_channels"])
+
     def initial_latents(self, request: Request) -> torch.Tensor:
         height, width = self.latent_size(request)
         channels = self.config["in_channels"] // 4
         if request.latents is not None:
-            return self.checked_latents(request, (request.batch, (height // 2) * (width // 2), channels * 4))
+            return self.checked_latents(request, self.latent_shape(request))
         # Noise is drawn unpacked, then packed, so a seed gives diffusers' exact latents.
         noise = self.randn((request.batch, channels, height, width), request)
         return _diffusers_flux()._pack_latents(

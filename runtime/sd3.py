@@ -21,19 +21,32 @@ CLIP_LENGTH = 77
 
 
 class SD3Pipeline(TextToImagePipeline):
+    # StableDiffusion3Pipeline.check_inputs: sides divide by the VAE factor times the patch size; the
+    # transformer's PatchEmbed refuses more patches per side than pos_embed_max_size.
+    size_reason = "VAE downsampling times the transformer's patch size"
+
     def size_multiple(self) -> int:
         return self.config["vae_scale_factor"] * self.config["patch_size"]
 
-    def check(self, request: Request) -> None:
-        super().check(request)
+    def largest_side(self) -> int | None:
         limit = self.config.get("pos_embed_max_size")
-        if limit is None:
-            return
-        largest = limit * self.size_multiple()
-        if max(request.height, request.width) > largest:
+        return None if limit is None else limit * self.size_multiple()
+
+    def largest_reason(self) -> str:
+        limit = self.config["pos_embed_max_size"]
+        return f"this transformer's position embedding (pos_embed_max_size {limit} patches)"
+
+    def check_side(self, side: str, value: int) -> None:
+        super().check_side(side, value)
+        exact = self.config.get("exact_pos_embed_crop") or self.config.get("pos_embed_max_size") is None
+        multiple = self.size_multiple()
+        if not exact and (value // multiple) % 2:
+            largest = self.largest_side() or value + multiple
+            even = [str(v) for v in (value - multiple, value + multiple) if 0 < v <= largest]
             raise GenerationConfigError(
-                f"{request.height}x{request.width} is larger than this transformer's position "
-                f"embedding allows ({largest} px per side). Use sides of at most {largest}."
+                f"{side} {value} is an odd number of patches, which this artifact's transformer graph cannot "
+                f"crop its position embedding for (exported before modelkiln fixed that). Re-export it, or "
+                f"use {' or '.join(even)}."
             )
 
     def _encode_texts(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,14 +75,7 @@ class SD3Pipeline(TextToImagePipeline):
         }
 
     def initial_latents(self, request: Request) -> torch.Tensor:
-        factor = self.config["vae_scale_factor"]
-        shape = (
-            request.batch,
-            self.config["latent_channels"],
-            request.height // factor,
-            request.width // factor,
-        )
-        return self.checked_latents(request, shape)
+        return self.checked_latents(request, self.latent_shape(request))
 
     def timesteps(self, request: Request, latents: torch.Tensor) -> torch.Tensor:
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (

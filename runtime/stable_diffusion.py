@@ -23,9 +23,13 @@ ETA = 0.0  # diffusers' default eta; only DDIM-like schedulers take it
 
 
 class StableDiffusionPipeline(TextToImagePipeline):
+    size_reason = "diffusers' StableDiffusionPipeline rule"
+
     def size_multiple(self) -> int:
-        # The graph was traced on latents that divide by the UNet's upsampling; other sizes would not fit.
-        return self.config["vae_scale_factor"] * self.config["unet_size_multiple"]
+        # diffusers' rule, recorded by the export. Artifacts from before it lack the key: their UNet graph
+        # was traced on latents that divide by its upsampling and takes no other size.
+        multiple = self.config.get("image_size_multiple")
+        return multiple or self.config["vae_scale_factor"] * self.config["unet_size_multiple"]
 
     def encode(self, request: Request) -> dict[str, np.ndarray]:
         texts = self.guided_texts(request)
@@ -34,14 +38,7 @@ class StableDiffusionPipeline(TextToImagePipeline):
         return {"encoder_hidden_states": np.repeat(states, request.images_per_prompt, axis=0)}
 
     def initial_latents(self, request: Request) -> torch.Tensor:
-        factor = self.config["vae_scale_factor"]
-        shape = (
-            request.batch,
-            self.config["latent_channels"],
-            request.height // factor,
-            request.width // factor,
-        )
-        latents = self.checked_latents(request, shape)
+        latents = self.checked_latents(request, self.latent_shape(request))
         # diffusers sets the timesteps before scaling the noise: Euler-type schedulers' init_noise_sigma
         # depends on them. Given latents are scaled too, as diffusers' ``latents=`` path does.
         self.timesteps(request, latents)

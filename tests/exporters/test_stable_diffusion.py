@@ -187,10 +187,13 @@ def test_other_schedulers_match_diffusers(sd1, name, guidance_scale):
     assert psnr(ours, theirs) >= MIN_PSNR
 
 
-def test_size_off_the_unet_grid_is_refused(sd1):
+def test_size_diffusers_refuses_is_refused(sd1):
     pipe = runtime.load(sd1[1])
-    # vae factor 2 x UNet upsampling 2: sides must divide by 4.
-    with pytest.raises(GenerationConfigError, match="height 30 is not a positive multiple of 4"):
+    # diffusers' rule, whatever the VAE and UNet: sides divide by 8 (the UNet graph takes any latent side).
+    assert read_manifest(sd1[1]).runtime["image_size_multiple"] == 8
+    with pytest.raises(
+        GenerationConfigError, match=r"height 30 is not a positive multiple of 8.*Use 24 or 32\."
+    ):
         pipe("a cat", height=30, width=32, num_inference_steps=1)
 
 
