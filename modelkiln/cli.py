@@ -420,68 +420,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from modelkiln.benchmarks.diffusion_tasks import dispatch
-    from modelkiln.benchmarks.harness import BenchConfig, run_bench
+    # Imported here, not at the top: the benchmark tasks load onnx and onnxruntime, which the other
+    # commands and `kiln --help` do not wait for.
+    from modelkiln.benchmarks.tasks import run_command
 
-    # Benchmarks other than the captioner's (text-to-image: --family sd3, or a pipeline --model).
-    if (code := dispatch(args, console)) is not None:
-        return code
-
-    config = BenchConfig(
-        out=Path(args.out),
-        model=args.model,
-        preset=args.preset,
-        variants=tuple(args.variant),
-        schemes=tuple(s.strip() for s in args.schemes.split(",") if s.strip()) if args.schemes else (),
-        work_dir=Path(args.artifacts) if args.artifacts else None,
-        threads=args.threads,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        images=args.images,
-        max_new_tokens=args.max_new_tokens,
-        measure_rss=not args.no_rss,
-        command=" ".join(["kiln", *sys.argv[1:]]) if args.argv is None else " ".join(["kiln", *args.argv]),
-        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()) if args.peers else (),
-        peers_dir=Path(args.peers_dir) if args.peers_dir else None,
-    )
-    # Plain lines, not a spinner: the harness shows its own progress bar while it times.
-    # markup=False: logged pip commands hold brackets (optimum-onnx[onnxruntime]) that rich would eat.
-    report = run_bench(config, log=lambda message: console.print(f"  {message}", markup=False))
-    eager = report["variants"][0]["latency"]["p50_s"]
-    for row in report["variants"]:
-        p50 = row["latency"]["p50_s"]
-        console.print(f"  {row['name']:14} p50 {p50 * 1e3:8.1f} ms  {eager / p50:5.2f}x eager")
-    for check in report["targets"]:
-        console.print(f"  {'met' if check['met'] else 'MISSED':6} {check['target']}: {check['value']:.2f}")
-    missed = {row["name"]: row["gate"] for row in report["variants"] if row.get("gate")}
-    for name, misses in missed.items():
-        console.print(f"  gate   {name} misses kiln quantize's gates: {'; '.join(misses)}")
-    if args.json:
-        _print_json(_bench_summary(report))
-    _next(f"less {Path(args.out) / 'report.md'}")
-    if missed and args.gate:
-        raise ValidationFailedError(
-            f"{len(missed)} variant(s) missed their quality gates: {', '.join(missed)}."
-        )
-    return 0
-
-
-def _bench_summary(report: dict) -> dict:
-    """report.json without per-job detail: what a CI step compares."""
-    eager = report["variants"][0]["latency"]["p50_s"]
-    rows = [
-        {
-            "name": row["name"],
-            "p50_s": row["latency"]["p50_s"],
-            "speedup_vs_eager": eager / row["latency"]["p50_s"],
-            "size_bytes": row.get("size_bytes"),
-            "peak_rss_bytes": row.get("peak_rss_bytes"),
-            "quality": row.get("quality"),
-            "gate": row.get("gate", []),
-        }
-        for row in report["variants"]
-    ]
-    return {"command": report["command"], "variants": rows, "targets": report["targets"]}
+    return run_command(args, console)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from modelkiln.benchmarks import presets
+from modelkiln.benchmarks.captioning import presets
 
 WORDS = [f"w{i}" for i in range(40)]
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .runners import timed_calls
+from modelkiln import runtime
+from modelkiln.exporters.source import resolve_source
+
+from ..core.timing import hook_calls, timed_calls
 
 DENOISERS = ("transformer", "unet")  # the denoiser's component name in the families' pipelines
 # Graph (or module) name -> stage of the report; every text encoder counts as "text_encoders".
@@ -68,6 +71,7 @@ def make_job(image: np.ndarray, total_s: float, calls: list[tuple[str, float]]) 
 
 def quiet_loading() -> None:
     """No per-component loading bars and tokenizer-length notes between the benchmark's progress lines."""
+    # Here, not at the top: both import torch, which the task registry must not load.
     import diffusers
     import transformers
 
@@ -82,8 +86,6 @@ class OrtDiffusionRunner:
     """An artifact loaded through ``modelkiln.runtime`` with its session calls timed."""
 
     def __init__(self, directory: Path, threads: int, settings: Generation):
-        from modelkiln import runtime
-
         self.pipe = runtime.load(directory, threads=threads)
         self.settings = settings
         self.calls: list[tuple[str, float]] = []
@@ -107,10 +109,9 @@ class EagerDiffusionRunner:
     """The diffusers pipeline of the source in fp32: the PyTorch eager baseline."""
 
     def __init__(self, source: str, threads: int, settings: Generation):
+        # Here, not at the top: the ONNX memory probe runs these runners without torch.
         import diffusers
         import torch
-
-        from modelkiln.exporters.source import resolve_source
 
         torch.set_num_threads(threads)
         quiet_loading()
@@ -121,7 +122,7 @@ class EagerDiffusionRunner:
         self.settings = settings
         self.calls: list[tuple[str, float]] = []
         for name in (*self.text_encoders(), self.denoiser_name()):
-            self._hook(name, getattr(self.pipe, name))
+            hook_calls(getattr(self.pipe, name), name, self.calls)
         self.pipe.vae.decode = timed_calls(self.pipe.vae.decode, "vae_decoder", self.calls)
 
     def text_encoders(self) -> list[str]:
@@ -133,15 +134,8 @@ class EagerDiffusionRunner:
     def denoiser_name(self) -> str:
         return next(name for name in DENOISERS if getattr(self.pipe, name, None) is not None)
 
-    def _hook(self, name: str, module) -> None:
-        started: list[float] = []
-        module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
-        module.register_forward_hook(
-            lambda *_: self.calls.append((name, time.perf_counter() - started.pop()))
-        )
-
     def run(self, prompt: str, latents, callback: Progress | None = None) -> ImageJob:
-        import torch
+        import torch  # here, not at the top: the ONNX memory probe runs these runners without torch
 
         s = self.settings
         options = {"max_sequence_length": s.max_sequence_length} if s.max_sequence_length else {}

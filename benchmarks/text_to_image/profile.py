@@ -20,6 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 TOP_OPS = 8  # op types listed per variant; the rest are summed as "other"
 
@@ -50,15 +52,11 @@ def _last_run_kernels(events: list[dict]) -> tuple[Counter, Counter]:
 
 
 def _file_op_types(path: Path) -> set[str]:
-    import onnx
-
     return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
 
 
 def ort_step_profile(path: Path, feeds: dict[str, np.ndarray], threads: int) -> dict:
     """Profile one call of the graph at ``path`` on the given feeds."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory() as folder:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -93,6 +91,7 @@ def _quiet_stderr():
 
 def torch_step_profile(module, feeds: dict[str, np.ndarray], threads: int) -> dict:
     """Profile one call of the eager denoiser on the same feeds (self CPU time per aten op)."""
+    # Here, not at the top: the task registry stays importable without loading torch.
     import torch
     from torch.profiler import ProfilerActivity, profile
 

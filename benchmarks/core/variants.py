@@ -1,10 +1,12 @@
 """The artifact variants a benchmark compares: given directories, plus ones made on the fly.
 
-    variants = prepare_variants(source, ("int8-dynamic",), given=(), work_dir, log)
+    variants = prepare_variants(source, ("int8-dynamic",), given=(), work_dir, log, quantize_config)
     # [Variant("onnx-fp32", Path(".../onnx-fp32")), Variant("int8-dynamic", Path(...))]
 
 On-the-fly variants are an fp32 export of the source and one quantized child per scheme, written
-under ``work_dir`` and reused on a later run when they come from the same source weights.
+under ``work_dir`` and reused on a later run when they come from the same source weights. Each task
+says how its children are quantized (``quantize_config``): the benchmark measures quality itself, so
+`kiln quantize`'s own check is cut down.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelkiln.errors import KilnError
+from modelkiln.exporters.source import resolve_source
 from modelkiln.manifest import read_manifest
+from modelkiln.quantize.quantize import QuantizeConfig, gate_failures, quantize_artifact
+from modelkiln.quantize.schemes import SCHEMES
 
-QUALITY_IMAGES = 4  # kiln quantize's own quality check: the benchmark measures quality itself
+QuantizeConfigOf = Callable[[Path, str], QuantizeConfig]  # (parent artifact, scheme) -> settings
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,8 @@ def _reusable(directory: Path, weights_sha256: str) -> bool:
 
 
 def _export(source: str, directory: Path, log: Callable[[str], None]) -> Path:
+    # Here, not at the top: the exporter imports torch, which the task registry must not load.
     from modelkiln.exporters.export import ExportConfig, export_model
-    from modelkiln.exporters.source import resolve_source
 
     if _reusable(directory, resolve_source(source).weights_sha256):
         log(f"reusing {directory}")
@@ -51,26 +56,21 @@ def _export(source: str, directory: Path, log: Callable[[str], None]) -> Path:
     return directory
 
 
-def _quantize(parent: Path, scheme: str, directory: Path, log: Callable[[str], None]) -> Path:
-    from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
-
+def _quantize(
+    parent: Path, scheme: str, directory: Path, log: Callable[[str], None], config_of: QuantizeConfigOf
+) -> Path:
     parent_sha = read_manifest(parent).source.weights_sha256
     if _reusable(directory, parent_sha) and label(directory) == scheme:
         log(f"reusing {directory}")
         return directory
     log(f"quantizing with {scheme} into {directory}")
-    # No gate here: a variant below `kiln quantize`'s default gates is still measured and shown as a
-    # marked row (variant_gate), so one weak scheme cannot cost the report its other rows.
-    config = QuantizeConfig(scheme=scheme, num_images=QUALITY_IMAGES, overwrite=True, max_new_empty=None)
-    quantize_artifact(parent, directory, config, log=log)
+    quantize_artifact(parent, directory, config_of(parent, scheme), log=log)
     return directory
 
 
 def variant_gate(directory: Path) -> list[str]:
     """What a quantized variant's recorded figures miss of `kiln quantize`'s default gates; [] when it
     passes or is not a quantized variant."""
-    from modelkiln.quantize.quantize import QuantizeConfig, gate_failures
-
     quantization = read_manifest(directory).quantization or {}
     if "quality" not in quantization:
         return []
@@ -78,8 +78,6 @@ def variant_gate(directory: Path) -> list[str]:
 
 
 def check_schemes(schemes: tuple[str, ...]) -> None:
-    from modelkiln.quantize.schemes import SCHEMES
-
     unknown = [scheme for scheme in schemes if scheme not in SCHEMES]
     if unknown:
         raise KilnError(f"--schemes {', '.join(unknown)}: unknown scheme. Valid: {', '.join(SCHEMES)}.")
@@ -91,16 +89,16 @@ def prepare_variants(
     given: tuple[str, ...],
     work_dir: Path,
     log: Callable[[str], None],
-    quantize: Callable[[Path, str, Path, Callable[[str], None]], Path] = _quantize,
+    quantize_config: QuantizeConfigOf,
 ) -> list[Variant]:
     """The given directories, then (with schemes, or when none is given) the fp32 export and its
-    children, each made by ``quantize(parent, scheme, directory, log)`` unless already there."""
+    children, each quantized with ``quantize_config(parent, scheme)`` unless already there."""
     check_schemes(schemes)
     variants = [Variant(label(Path(d)), Path(d).absolute()) for d in given]
     if schemes or not given:
         fp32 = _export(source, work_dir / "onnx-fp32", log)
         variants.append(Variant("onnx-fp32", fp32))
-        variants += [Variant(s, quantize(fp32, s, work_dir / s, log)) for s in schemes]
+        variants += [Variant(s, _quantize(fp32, s, work_dir / s, log, quantize_config)) for s in schemes]
     names = [variant.name for variant in variants]
     # Two variants with one label (e.g. two int8 exports) keep apart by their folder names.
     return [

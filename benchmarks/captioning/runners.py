@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelkiln import runtime
+from modelkiln.exporters.source import resolve_source
+from modelkiln.registry import detect_family
+from modelkiln.runtime.text import TextCodec
+
+from ..core.timing import hook_calls, timed_calls
+
 
 @dataclass(frozen=True)
 class Job:
@@ -42,19 +49,6 @@ def stage_times(preprocess_s: float, calls: list[tuple[str, float]]) -> dict[str
     return stages
 
 
-def timed_calls(method, name: str, calls: list[tuple[str, float]]):
-    """``method`` wrapped to append (name, seconds) to ``calls`` on every call."""
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            calls.append((name, time.perf_counter() - start))
-
-    return run
-
-
 def _greedy(max_new_tokens: int) -> dict[str, Any]:
     return {
         "max_new_tokens": max_new_tokens,
@@ -68,8 +62,6 @@ class OrtRunner:
     """An artifact loaded through ``modelkiln.runtime`` with its session calls timed."""
 
     def __init__(self, directory: Path, threads: int, max_new_tokens: int):
-        from modelkiln import runtime
-
         self.pipe = runtime.load(directory, threads=threads)
         self.generation = _greedy(max_new_tokens)
         self.calls: list[tuple[str, float]] = []
@@ -93,11 +85,7 @@ class EagerRunner:
     """The PyTorch fp32 source model: the model's own processor, then ``model.generate``."""
 
     def __init__(self, model: str, threads: int, max_new_tokens: int):
-        import torch
-
-        from modelkiln.exporters.source import resolve_source
-        from modelkiln.registry import detect_family
-        from modelkiln.runtime.text import TextCodec
+        import torch  # here, not at the top: the ONNX memory probe runs these runners without torch
 
         torch.set_num_threads(threads)
         source = resolve_source(model)
@@ -114,14 +102,10 @@ class EagerRunner:
         module = getattr(self.model, name, None)
         if module is None:  # families without this split report end-to-end time only
             return
-        started: list[float] = []
-        module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
-        module.register_forward_hook(
-            lambda *_: self.calls.append((name, time.perf_counter() - started.pop()))
-        )
+        hook_calls(module, name, self.calls)
 
     def run(self, image) -> Job:
-        import torch
+        import torch  # here, not at the top: the ONNX memory probe runs these runners without torch
 
         self.calls.clear()
         start = time.perf_counter()

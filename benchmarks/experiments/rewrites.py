@@ -1,4 +1,4 @@
-"""Experimental graph rewrites of an exported SD3 transformer, for ``diffusion_levers`` to time.
+"""Experimental graph rewrites of an exported SD3 transformer, for ``levers`` to time.
 
     path = multi_head_attention(Path("art/transformer.onnx"), Path("/tmp/scratch/mha"), transformer_config)
     path = ort_mmdit_fusions(Path("art/transformer.onnx"), Path("/tmp/scratch/fused"), transformer_config)
@@ -18,8 +18,12 @@ import shutil
 from pathlib import Path
 
 import onnx
+from onnxruntime.transformers.optimizer import optimize_model
 
 from modelkiln.exporters.attention import fuse_attention
+from modelkiln.manifest import read_manifest
+from modelkiln.quantize.graph_prep import prepare_weight_matmuls
+from modelkiln.quantize.onnx_int8 import quantize_int8_dynamic
 
 
 def _copy_external_data(graph_path: Path, folder: Path) -> None:
@@ -44,8 +48,6 @@ def multi_head_attention(graph_path: Path, folder: Path, config: dict) -> Path:
 
 def ort_mmdit_fusions(graph_path: Path, folder: Path, config: dict) -> Path:
     """onnxruntime's MMDiT optimizer (graph-level fusions only, opt_level 0); weights written anew."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
     heads = config["num_attention_heads"]
     optimized = optimize_model(str(graph_path), model_type="mmdit", num_heads=heads,
                                hidden_size=heads * config["attention_head_dim"], opt_level=0, use_gpu=False)  # fmt: skip
@@ -63,10 +65,6 @@ def mha_and_fusions(graph_path: Path, folder: Path, config: dict) -> Path:
 def int8_without_excludes(graph_path: Path, folder: Path, config: dict) -> Path:
     """The int8-dynamic graph remade from its fp32 parent with no node kept fp32 (the family recipe
     keeps the embedders, position table and output projection fp32: QUANTIZE_EXCLUDE in sd3.py)."""
-    from modelkiln.manifest import read_manifest
-    from modelkiln.quantize.graph_prep import prepare_weight_matmuls
-    from modelkiln.quantize.onnx_int8 import quantize_int8_dynamic
-
     manifest = read_manifest(graph_path.parent)
     parent = (graph_path.parent / manifest.parent["path"]).resolve() / graph_path.name
     model = onnx.load(str(parent))

@@ -1,6 +1,6 @@
 """Try speed levers on one SD3 denoising step, each timed round-robin against PyTorch eager.
 
-    python -m modelkiln.benchmarks.diffusion_levers --artifacts /tmp/kiln-bench-sd3 \\
+    python -m modelkiln.benchmarks.experiments.levers --artifacts /tmp/kiln-bench-sd3 \\
         --out benchmarks/results/sd3-step-full --rounds 5
     # levers.json, levers.md beside the benchmark's report
 
@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
-from .diffusion_rewrites import (
+from modelkiln.manifest import read_manifest
+
+from .rewrites import (
     int8_without_excludes,
     mha_and_fusions,
     multi_head_attention,
@@ -72,8 +77,6 @@ def feeds_for(config: dict, size: int, text_tokens: int, vae_factor: int) -> dic
 
 
 def ort_session(path: Path, threads: int, spinning: bool):
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -83,6 +86,7 @@ def ort_session(path: Path, threads: int, spinning: bool):
 
 
 def _eager(source: Path, threads: int):
+    # Here, not at the top: only this lever needs torch, and a rewrite's child process need not load it.
     import torch
     from diffusers import SD3Transformer2DModel
 
@@ -106,9 +110,6 @@ def _timed(run, feeds) -> float:
 def _in_child(rewrite: Callable, *args):
     """``rewrite(*args)`` in a fresh process: a rewrite holds whole multi-GB graphs as protobuf, whose
     freed memory this process would otherwise keep (it ran out of memory after ten rewrites)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(rewrite, *args).result()
 
@@ -202,8 +203,6 @@ def base_rows(graph: Path, context: dict, args: argparse.Namespace, log) -> Iter
 
 def run_levers(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     """Every lever on every base graph under --artifacts; writes levers.json and levers.md into --out."""
-    from modelkiln.manifest import read_manifest
-
     artifacts = Path(args.artifacts)
     source = Path(read_manifest(artifacts / "onnx-fp32").source.model)
     config = json.loads((source / "transformer" / "config.json").read_text())
@@ -212,7 +211,7 @@ def run_levers(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     feeds = feeds_for(config, args.size, text, runtime["vae_scale_factor"])
     context = {"config": config, "threads": args.threads, "feeds": feeds, "rounds": args.rounds}
     context["eager"], rows = _eager(source, args.threads), []
-    command = " ".join(["python -m modelkiln.benchmarks.diffusion_levers", *sys.argv[1:]])
+    command = " ".join(["python -m modelkiln.benchmarks.experiments.levers", *sys.argv[1:]])
     setup = (
         f"Source `{source}`; transformer feeds of a guided {args.size}x{args.size} step (batch 2, {text} "
         f"text tokens); {args.rounds} rounds per lever, each running eager, the runtime default and the "

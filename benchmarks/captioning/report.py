@@ -9,15 +9,12 @@ is one. Each peer asked for gets a line, also when it could not run the source's
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
+from ..core.tables import mb, ms, size_share, table, times, write_report_files
+from .plots import write_plots
+
 PEER = "optimum-onnx"  # the peer row the fp32 export is measured against
-LIBRARIES = ("modelkiln", "torch", "transformers", "onnx", "onnxruntime", "numpy", "sacrebleu", "matplotlib")
 # The project's speed and size targets, checked in every report: (what, variant, figure, limit, higher is better).
 TARGETS = (
     ("ONNX fp32 end-to-end speed-up vs eager", "onnx-fp32", "speedup", 1.5, True),
@@ -29,33 +26,6 @@ TARGETS = (
     ("int8 decode vs bandwidth bound", "int8-dynamic", "decode_multiple", 1.5, False),
     ("int4 decode vs bandwidth bound", "int4-weight", "decode_multiple", 1.5, False),
 )
-
-
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-
-
-def machine_info() -> dict:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        # Runnable processes over the last 1, 5, 15 minutes, at the end of the run: above the core
-        # count, neighbours shared the CPU, and absolute times read slow (ratios hold, being interleaved).
-        "load_average": [round(load, 2) for load in os.getloadavg()],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "libraries": versions,
-    }
 
 
 def derived(report: dict) -> dict[str, dict]:
@@ -87,26 +57,6 @@ def check_targets(report: dict) -> list[dict]:
     return checks
 
 
-def _ms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    # Tiny models have sub-millisecond stages: keep two significant digits there.
-    return f"{seconds * 1e3:.1f}" if seconds >= 0.01 else f"{seconds * 1e3:.2g}"
-
-
-def _mb(size: float | None) -> str:
-    return "-" if size is None else f"{size / 1e6:.1f}"
-
-
-def _times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
-
-
 def latency_table(report: dict) -> list[str]:
     figures = derived(report)
     # The column vs the peer appears only when the peer ran.
@@ -114,28 +64,27 @@ def latency_table(report: dict) -> list[str]:
     rows = []
     for row in report["variants"]:
         lat, figure = row["latency"], figures[row["name"]]
-        cells = [row["name"], _ms(lat["p50_s"]), _ms(lat["p90_s"]), _ms(lat["p99_s"])]
-        cells += [_times(figure["speedup"])] + ([_times(figure["speedup_vs_peer"])] if peer else [])
+        cells = [row["name"], ms(lat["p50_s"]), ms(lat["p90_s"]), ms(lat["p99_s"])]
+        cells += [times(figure["speedup"])] + ([times(figure["speedup_vs_peer"])] if peer else [])
         rows.append([*cells, f"{lat['images_per_s']:.2f}", f"{lat['tokens_per_s']:.1f}"])
     header = ["variant", "p50 ms", "p90 ms", "p99 ms", "speed-up vs eager (p50)"]
     header += [f"speed-up vs {PEER} (p50)"] if peer else []
-    return _table([*header, "images/s", "tokens/s"], rows)
+    return table([*header, "images/s", "tokens/s"], rows)
 
 
 def stage_table(report: dict) -> list[str]:
     names = ("preprocess", "encoder", "first_token", "decode_per_token")
-    rows = [[row["name"], *(_ms(row["stages_s"].get(n)) for n in names)] for row in report["variants"]]
-    return _table(["variant", "preprocess ms", "encoder ms", "first token ms", "per-token decode ms"], rows)
+    rows = [[row["name"], *(ms(row["stages_s"].get(n)) for n in names)] for row in report["variants"]]
+    return table(["variant", "preprocess ms", "encoder ms", "first token ms", "per-token decode ms"], rows)
 
 
 def size_table(report: dict) -> list[str]:
-    figures = derived(report)
-    rows = []
-    for row in report["variants"]:
-        ratio = figures[row["name"]]["size_ratio"]
-        share = "-" if ratio is None else f"{ratio:.0%}"
-        rows.append([row["name"], _mb(row["size_bytes"]), share, _mb(row["peak_rss_bytes"])])
-    return _table(["variant", "size MB", "of fp32 ONNX", "peak RSS MB"], rows)
+    ratios = {name: figure["size_ratio"] for name, figure in derived(report).items()}
+    rows = [
+        [row["name"], mb(row["size_bytes"]), size_share(ratios[row["name"]]), mb(row["peak_rss_bytes"])]
+        for row in report["variants"]
+    ]
+    return table(["variant", "size MB", "of fp32 ONNX", "peak RSS MB"], rows)
 
 
 def quality_table(report: dict) -> list[str]:
@@ -154,7 +103,7 @@ def quality_table(report: dict) -> list[str]:
             ]
         )
     header = ["variant", "exact match", "token agreement", "BLEU", "chrF", "empty", "quantize gate"]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def gate_cell(row: dict) -> str:
@@ -170,17 +119,17 @@ def roofline_table(report: dict) -> list[str]:
         rows.append(
             [
                 row["name"],
-                _mb(r.get("decoder_weight_bytes")),
-                _ms(r.get("decode_bound_s")),
-                _ms(row["stages_s"].get("decode_per_token")),
-                _times(r.get("decode_multiple")),
-                _ms(r.get("encoder_bound_s")),
-                _ms(row["stages_s"].get("encoder")),
-                _times(r.get("encoder_multiple")),
+                mb(r.get("decoder_weight_bytes")),
+                ms(r.get("decode_bound_s")),
+                ms(row["stages_s"].get("decode_per_token")),
+                times(r.get("decode_multiple")),
+                ms(r.get("encoder_bound_s")),
+                ms(row["stages_s"].get("encoder")),
+                times(r.get("encoder_multiple")),
             ]
         )
     header = ["variant", "decoder weights MB", "decode bound ms", "decode ms", "decode / bound"]
-    return _table([*header, "encoder bound ms", "encoder ms", "encoder / bound"], rows)
+    return table([*header, "encoder bound ms", "encoder ms", "encoder / bound"], rows)
 
 
 def _miss(check: dict) -> str:
@@ -193,7 +142,7 @@ def targets_table(checks: list[dict]) -> list[str]:
         [c["target"], f"{c['limit']:g}", f"{c['value']:.3f}", "met" if c["met"] else "MISSED", _miss(c)]
         for c in checks
     ]
-    return _table(["target", "limit", "measured", "", "by how much"], rows)
+    return table(["target", "limit", "measured", "", "by how much"], rows)
 
 
 def peer_lines(report: dict) -> list[str]:
@@ -244,23 +193,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report_files(
-    report: dict, out: Path, text: Callable[[dict], str], plot: Callable[[dict, Path], list[Path]] | None
-) -> list[Path]:
-    """report.json, report.md (``text(report)``) and ``plot``'s PNGs into ``out``; the files written."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(text(report))
-    return [out / "report.json", out / "report.md", *(plot(report, out) if plot else [])]
-
-
-def _plots(report: dict, out: Path) -> list[Path]:
-    from .plots import write_plots  # matplotlib: imported only when plots are asked for
-
-    return write_plots(report, out)
-
-
 def write_reports(report: dict, out: Path, plots: bool) -> list[Path]:
     """report.json, report.md and (with matplotlib) PNG plots; returns the files written."""
     report["targets"] = check_targets(report)
-    return write_report_files(report, out, markdown, _plots if plots else None)
+    return write_report_files(report, out, markdown, write_plots if plots else None)

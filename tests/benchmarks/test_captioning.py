@@ -9,10 +9,12 @@ import json
 
 import pytest
 
-from modelkiln.benchmarks import peers
-from modelkiln.benchmarks.harness import EAGER, BenchConfig, Measured, Timings, variant_row
-from modelkiln.benchmarks.report import targets_table, write_reports
-from modelkiln.benchmarks.runners import Job, stage_times
+from modelkiln.benchmarks.captioning import peers
+from modelkiln.benchmarks.captioning.harness import CaptioningConfig as BenchConfig
+from modelkiln.benchmarks.captioning.harness import Measured, variant_row
+from modelkiln.benchmarks.captioning.report import targets_table, write_reports
+from modelkiln.benchmarks.captioning.runners import Job, stage_times
+from modelkiln.benchmarks.core.timing import EAGER, Timings
 from modelkiln.cli import main
 
 VARIANTS = ("pytorch-eager", "onnx-fp32", "int8-dynamic")
@@ -136,7 +138,7 @@ def test_peer_line_parses_into_a_job():
 
 def _row(name: str, seconds: float, tokens: list[int], baseline: Timings | None, context: dict) -> dict:
     job = peers.parse_job({**PEER_LINE, "total_s": seconds, "tokens": tokens}, _decode)
-    timings = Timings(captions=[job], jobs=[job, job])
+    timings = Timings(first_pass=[job], jobs=[job, job])
     return variant_row(name, Measured(name, 1000, 500, 2000), timings, baseline or timings, context)
 
 
@@ -147,7 +149,7 @@ def test_peer_row_and_lines_in_the_report(tmp_path):
         "flops": None,
     }
     eager = _row(EAGER, 0.3, PEER_LINE["tokens"], None, context)
-    baseline = Timings(captions=[peers.parse_job(PEER_LINE, _decode)])
+    baseline = Timings(first_pass=[peers.parse_job(PEER_LINE, _decode)])
     fp32 = _row("onnx-fp32", 0.1, PEER_LINE["tokens"], baseline, context)
     peer = _row("optimum-onnx", 0.2, [7, 7, 19, 8], baseline, context)
     assert peer["quality"]["token_agreement"] == 0.75 and peer["roofline"]["decode_multiple"] > 0

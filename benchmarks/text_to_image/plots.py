@@ -7,30 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .plots import _pyplot
+from ..core.plots import draw_all, finish_latency, percentile_markers, quality_scatter, save_figure
 
 STAGES = ("text_encoders", "steps", "vae_decode", "other")  # stacked bottom to top
-
-
-def _save(plt, figure, path: Path) -> None:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def _step(plt, rows: list[dict], path: Path) -> None:
     names = [row["name"] for row in rows]
     figure, axes = plt.subplots(figsize=(7, 3.5))
-    for key, marker in (("p50_s", "o"), ("p90_s", "^"), ("p99_s", "v")):
-        axes.plot(names, [row["latency"]["step"][key] * 1e3 for row in rows], marker, label=key[:3])
+    percentile_markers(axes, rows, lambda row: row["latency"]["step"])
     bounds = [row["roofline"].get("own_bound_s") for row in rows]
     if all(bounds):
         axes.plot(names, [b * 1e3 for b in bounds], "_", markersize=20, color="black", label="FLOP bound")
-    axes.set_ylabel("ms per transformer call")
-    axes.set_ylim(bottom=0)
-    axes.set_title("Denoising step latency")
-    axes.legend()
-    _save(plt, figure, path)
+    finish_latency(plt, figure, axes, "ms per transformer call", "Denoising step latency", path)
 
 
 def _stages(plt, rows: list[dict], path: Path) -> None:
@@ -47,19 +36,13 @@ def _stages(plt, rows: list[dict], path: Path) -> None:
     axes.set_ylabel("s per image (medians)")
     axes.set_title("Where an image's time goes")
     axes.legend()
-    _save(plt, figure, path)
+    save_figure(plt, figure, path)
 
 
 def _quality(plt, rows: list[dict], path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for row in rows[1:]:
-        x, y = row["latency"]["step"]["p50_s"] * 1e3, row["quality"]["psnr_mean"]
-        axes.scatter(x, y)
-        axes.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4))
-    axes.set_xlabel("p50 ms per step")
-    axes.set_ylabel("PSNR vs eager images (dB)")
-    axes.set_title("Quality vs step latency")
-    _save(plt, figure, path)
+    labels = ("p50 ms per step", "PSNR vs eager images (dB)", "Quality vs step latency")
+    point = lambda row: (row["latency"]["step"]["p50_s"] * 1e3, row["quality"]["psnr_mean"])  # noqa: E731
+    quality_scatter(plt, rows, point, labels, path)
 
 
 def _size(plt, rows: list[dict], path: Path) -> None:
@@ -70,20 +53,14 @@ def _size(plt, rows: list[dict], path: Path) -> None:
     axes.set_ylabel("MB on disk")
     axes.set_title("Size (eager: source weights)")
     axes.legend()
-    _save(plt, figure, path)
+    save_figure(plt, figure, path)
 
 
 def write_diffusion_plots(report: dict, out: Path) -> list[Path]:
-    plt = _pyplot()
-    if plt is None:
-        return []
-    rows = report["variants"]
     drawings = {
         "step_latency.png": _step,
         "stages.png": _stages,
         "quality_vs_step.png": _quality,
         "size.png": _size,
     }
-    for name, draw in drawings.items():
-        draw(plt, rows, out / name)
-    return [out / name for name in drawings]
+    return draw_all(report, out, drawings)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import site
 import subprocess
 import sys
 import tempfile
@@ -26,8 +28,12 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
+from modelkiln import registry
 from modelkiln.errors import KilnError
+from modelkiln.exporters import source as sources
+from modelkiln.runtime.text import TextCodec
 
+from . import roofline
 from .runners import Job, stage_times
 
 MARKER = "kiln-peer.json"  # in a venv: what it was set up with; in an export: what made it
@@ -113,8 +119,6 @@ def _main_site_packages(home: Path) -> None:
     packages, not this environment's torch: a .pth file adds this environment's site-packages."""
     if sys.prefix == sys.base_prefix:
         return
-    import site
-
     purelib = next((home / "lib").glob("python*/site-packages"))
     (purelib / "kiln-main-env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
@@ -185,8 +189,6 @@ def export_source(setup: PeerSetup, source: str, weights_sha256: str, log: Calla
     if marker.is_file() and made_by.items() <= json.loads(marker.read_text()).items():
         log(f"peer {setup.key}: reusing its export {setup.export_dir}")
         return json.loads(marker.read_text())
-    import shutil
-
     partial = setup.export_dir.with_name(f".{setup.export_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     log(f"peer {setup.key}: exporting {source} with {setup.name}'s exporter into {setup.export_dir}")
@@ -230,11 +232,8 @@ def prepare_peers(
     keys: tuple[str, ...], source: str, root: Path, work_dir: Path, log: Callable[[str], None]
 ) -> tuple[list[PeerSetup], list[dict]]:
     """Set up (once) and export with each peer that can run the source's family; a note for every peer."""
-    from modelkiln.exporters.source import resolve_source
-    from modelkiln.registry import detect_family
-
-    resolved = resolve_source(source)
-    family = detect_family(resolved.config, source).name
+    resolved = sources.resolve_source(source)
+    family = registry.detect_family(resolved.config, source).name
     setups, notes = [], []
     for key in keys:
         if family not in PEERS[key].families:
@@ -262,8 +261,6 @@ class PeerRunner:
     """A peer's serve loop in its venv: ``run(image)`` asks it for one timed job, like the other runners."""
 
     def __init__(self, setup: PeerSetup, source: str, images: list, threads: int, max_new_tokens: int):
-        from modelkiln.runtime.text import TextCodec
-
         self.setup = setup
         self.codec = TextCodec.from_dir(Path(source))
         self.folder = tempfile.TemporaryDirectory(prefix="kiln-peer-")
@@ -318,8 +315,6 @@ class PeerRunner:
 
     def sizes(self) -> tuple[int, int]:
         """(the files the peer's runtime loads, weight bytes one decoder step reads) in bytes."""
-        from . import roofline
-
         return int(self.ready["size_bytes"]), roofline.step_weight_bytes(Path(self.ready["decoder"]))
 
     def peak_rss(self) -> int:

@@ -24,6 +24,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+# The venv's heavy packages (optimum, transformers, torch) are imported inside the modes that use
+# them: `versions` runs right after pip and must answer even when an import would fail.
 TASK = "image-to-text-with-past"  # optimum's task for VisionEncoderDecoder captioners with a KV cache
 DISTRIBUTIONS = ("optimum-onnx", "optimum", "transformers", "onnxruntime", "torch", "numpy")
 

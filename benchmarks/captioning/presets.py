@@ -14,6 +14,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# The builders below import tokenizers, transformers and torch inside each function: the task registry
+# imports this module, and `kiln bench`'s argument checks must not wait for torch.
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3: pad, decoder start, end, unknown
 
 

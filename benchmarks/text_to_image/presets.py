@@ -17,6 +17,24 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from modelkiln.fixtures.tiny_diffusion import TOKEN_LENGTH, clip_tokenizer, t5_tokenizer
+
+from .runners import quiet_loading
+
+# The model builders below import diffusers, transformers and torch inside each function: the task
+# registry imports this module, and `kiln bench`'s argument checks must not wait for torch.
+
+
+@dataclass(frozen=True)
+class DiffusionFamily:
+    """A text-to-image family the benchmark runs."""
+
+    presets: tuple[str, ...]  # --preset names that build a source of this family (DIFFUSION_PRESETS)
+
+
+# Text-to-image families the benchmark knows (runners, FLOP count, presets); others are refused by name.
+DIFFUSION_FAMILIES: dict[str, DiffusionFamily] = {"sd3": DiffusionFamily(presets=("tiny", "full"))}
+
 
 @dataclass(frozen=True)
 class DiffusionPreset:
@@ -74,8 +92,6 @@ def _transformer(preset: DiffusionPreset):
 def _clip(preset: DiffusionPreset, projection: int):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from modelkiln.fixtures.tiny_diffusion import TOKEN_LENGTH
-
     config = CLIPTextConfig(
         bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=1000, hidden_size=preset.text_width,
         intermediate_size=2 * preset.text_width, num_attention_heads=4, num_hidden_layers=2,
@@ -113,8 +129,6 @@ def build_sd3_pipeline(preset: DiffusionPreset):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from modelkiln.fixtures.tiny_diffusion import clip_tokenizer, t5_tokenizer
-
     torch.manual_seed(preset.seed)
     return StableDiffusion3Pipeline(
         transformer=_transformer(preset),
@@ -137,8 +151,6 @@ def build_diffusion_preset(name: str, cache_dir: Path) -> Path:
     wanted = json.loads(json.dumps(asdict(preset)))  # tuples as JSON lists, as the marker stores them
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return directory
-    from .diffusion_runners import quiet_loading
-
     quiet_loading()  # no per-shard bars while saving
     build_sd3_pipeline(preset).save_pretrained(directory)
     # Written last: its presence marks a complete save.

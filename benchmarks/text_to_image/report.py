@@ -10,10 +10,21 @@ millisecond steps say nothing about the full model; a missed target states by ho
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 from pathlib import Path
 
-from .report import _mb, _ms, _table, _times, machine_info, write_report_files
+from ..core.tables import (
+    machine_info,
+    mb,
+    ms,
+    plain_json,
+    settings_of,
+    size_share,
+    table,
+    times,
+    write_report_files,
+)
+from .plots import write_diffusion_plots
 
 # The step targets: (what, variant, figure of derived(), limit); higher is better for each.
 TARGETS = (
@@ -24,19 +35,17 @@ UNTARGETED_PRESETS = ("tiny",)  # presets whose timings are too small to hold ag
 
 
 def assemble_report(config, source: str, family: str, settings, machine: dict, rows: list[dict]) -> dict:
-    from dataclasses import asdict
-
     report = {
         "task": "text-to-image",
         "command": config.command,
         "source": source,
         "family": family,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()},
+        "settings": settings_of(config),
         "generation": asdict(settings),
         "machine": {**machine_info(), "roofline": machine},
         "variants": rows,
     }
-    return json.loads(json.dumps(report, default=str))  # plain JSON types throughout
+    return plain_json(report)
 
 
 def derived(report: dict) -> dict[str, dict]:
@@ -71,7 +80,7 @@ def check_targets(report: dict) -> list[dict]:
 
 
 def _pcts(stats: dict) -> list[str]:
-    return [_ms(stats["p50_s"]), _ms(stats["p90_s"]), _ms(stats["p99_s"])]
+    return [ms(stats["p50_s"]), ms(stats["p90_s"]), ms(stats["p99_s"])]
 
 
 def step_table(report: dict) -> list[str]:
@@ -79,26 +88,26 @@ def step_table(report: dict) -> list[str]:
     rows = []
     for row in report["variants"]:
         roof = row["roofline"]
-        cells = [row["name"], *_pcts(row["latency"]["step"]), _times(figures[row["name"]]["step_speedup"])]
-        rows.append([*cells, _ms(roof.get("own_bound_s")), _times(roof.get("own_multiple"))])
+        cells = [row["name"], *_pcts(row["latency"]["step"]), times(figures[row["name"]]["step_speedup"])]
+        rows.append([*cells, ms(roof.get("own_bound_s")), times(roof.get("own_multiple"))])
     header = ["variant", "p50 ms", "p90 ms", "p99 ms", "speed-up vs eager (p50)"]
-    return _table([*header, "own FLOP bound ms", "step / own bound"], rows)
+    return table([*header, "own FLOP bound ms", "step / own bound"], rows)
 
 
 def pipeline_table(report: dict) -> list[str]:
     figures = derived(report)
     rows = [
-        [row["name"], *_pcts(row["latency"]["pipeline"]), _times(figures[row["name"]]["pipeline_speedup"]),
+        [row["name"], *_pcts(row["latency"]["pipeline"]), times(figures[row["name"]]["pipeline_speedup"]),
          f"{row['images_per_s']:.3f}"]
         for row in report["variants"]
     ]  # fmt: skip
-    return _table(["variant", "p50 ms", "p90 ms", "p99 ms", "speed-up vs eager (p50)", "images/s"], rows)
+    return table(["variant", "p50 ms", "p90 ms", "p99 ms", "speed-up vs eager (p50)", "images/s"], rows)
 
 
 def stage_table(report: dict) -> list[str]:
     names = ("text_encoders", "step", "vae_decode", "other")
-    rows = [[row["name"], *(_ms(row["latency"][n]["p50_s"]) for n in names)] for row in report["variants"]]
-    return _table(["variant", "text encoders ms", "one step ms", "VAE decode ms", "other ms"], rows)
+    rows = [[row["name"], *(ms(row["latency"][n]["p50_s"]) for n in names)] for row in report["variants"]]
+    return table(["variant", "text encoders ms", "one step ms", "VAE decode ms", "other ms"], rows)
 
 
 def size_table(report: dict) -> list[str]:
@@ -106,10 +115,9 @@ def size_table(report: dict) -> list[str]:
     rows = []
     for row in report["variants"]:
         ratio = figures[row["name"]]["size_ratio"]
-        share = "-" if ratio is None else f"{ratio:.0%}"
-        rows.append([row["name"], row["precision"], _mb(row["size_bytes"]), share,
-                     _mb(row["denoiser_bytes"]), _mb(row["peak_rss_bytes"])])  # fmt: skip
-    return _table(
+        rows.append([row["name"], row["precision"], mb(row["size_bytes"]), size_share(ratio),
+                     mb(row["denoiser_bytes"]), mb(row["peak_rss_bytes"])])  # fmt: skip
+    return table(
         ["variant", "denoiser precision", "size MB", "of fp32 ONNX", "denoiser MB", "peak RSS MB"], rows
     )
 
@@ -125,7 +133,7 @@ def quality_table(report: dict) -> list[str]:
             f"{q['max_pixel_diff']:.1f}",
         ]
         rows.append([row["name"], *cells])
-    return _table(["variant", "PSNR mean dB", "PSNR min dB", "SSIM mean", "max pixel diff (0-255)"], rows)
+    return table(["variant", "PSNR mean dB", "PSNR min dB", "SSIM mean", "max pixel diff (0-255)"], rows)
 
 
 def roofline_table(report: dict) -> list[str]:
@@ -134,12 +142,12 @@ def roofline_table(report: dict) -> list[str]:
         roof = row["roofline"]
         flops = roof.get("step_flops")
         rows.append([
-            row["name"], "-" if flops is None else f"{flops / 1e9:.1f}", _ms(roof.get("fp32_bound_s")),
-            _ms(roof.get("own_bound_s")), _ms(row["latency"]["step"]["p50_s"]),
-            _times(roof.get("fp32_multiple")), _times(roof.get("own_multiple")),
+            row["name"], "-" if flops is None else f"{flops / 1e9:.1f}", ms(roof.get("fp32_bound_s")),
+            ms(roof.get("own_bound_s")), ms(row["latency"]["step"]["p50_s"]),
+            times(roof.get("fp32_multiple")), times(roof.get("own_multiple")),
         ])  # fmt: skip
     header = ["variant", "step GFLOP", "torch fp32 bound ms", "own bound ms", "step p50 ms"]
-    return _table([*header, "step / torch fp32 bound", "step / own bound"], rows)
+    return table([*header, "step / torch fp32 bound", "step / own bound"], rows)
 
 
 def rates_line(report: dict) -> list[str]:
@@ -171,7 +179,7 @@ def profile_table(report: dict) -> list[str]:
             fused = ", ".join(f"{op} x{n}" for op, n in sorted(profile["fused"].items())) or "-"
             rows.append([row["name"], f"{profile['total_ms']:.0f}", _ops(profile), fused])
     return (
-        _table(["variant", "profiled step ms", "time by op (nodes)", "fused ops at load"], rows)
+        table(["variant", "profiled step ms", "time by op (nodes)", "fused ops at load"], rows)
         if rows
         else []
     )
@@ -195,7 +203,7 @@ def targets_table(checks: list[dict]) -> list[str]:
         ]
         for c in checks
     ]
-    return _table(["target", "limit", "measured (p50 ratio)", "", "by how much"], rows)
+    return table(["target", "limit", "measured (p50 ratio)", "", "by how much"], rows)
 
 
 def _intro(report: dict) -> list[str]:
@@ -231,18 +239,12 @@ def markdown(report: dict) -> str:
     if report["targets"]:
         sections.append(("## Targets", targets_table(report["targets"])))
     lines = _intro(report)
-    for heading, table in sections:
-        lines += [heading, "", *table] if table else []
+    for heading, rows in sections:
+        lines += [heading, "", *rows] if rows else []
     return "\n".join(lines)
-
-
-def _plots(report: dict, out: Path) -> list[Path]:
-    from .diffusion_plots import write_diffusion_plots  # matplotlib: imported only when plots are asked for
-
-    return write_diffusion_plots(report, out)
 
 
 def write_diffusion_reports(report: dict, out: Path, plots: bool) -> list[Path]:
     """report.json, report.md and (with matplotlib) PNG plots; returns the files written."""
     report["targets"] = check_targets(report)
-    return write_report_files(report, out, markdown, _plots if plots else None)
+    return write_report_files(report, out, markdown, write_diffusion_plots if plots else None)

@@ -4,12 +4,13 @@ against the eager images, sizes, peak memory, the step's roofline and its op pro
     rows = measure_variants(source, variants, runners, timings, latent_shape, context, log)
 
 ``context`` carries the config, the machine figures, the generation settings and the family, as
-``diffusion_harness.run_diffusion_bench`` builds it. The runners are released here (``runners`` is
+``harness.run_diffusion_bench`` builds it. The runners are released here (``runners`` is
 emptied) once the eager step is profiled: the ONNX profiles and the memory probes need that memory.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .diffusion_runners import DENOISERS, ImageJob
-from .variants import Variant
+from modelkiln.exporters.source import resolve_source
+from modelkiln.manifest import read_manifest
+from modelkiln.validate_diffusion import image_metrics
 
-EAGER = "pytorch-eager"
+from ..core.timing import EAGER, percentiles
+from ..core.variants import Variant
+from .probe import measure_diffusion_rss
+from .profile import ort_step_profile, torch_step_profile
+from .roofline import step_bounds, step_flops
+from .runners import DENOISERS, ImageJob
 
 
 @dataclass(frozen=True)
@@ -31,12 +38,6 @@ class Sizes:
     denoiser_bytes: int  # the denoiser's graph and weights (eager: its weight files)
     precision: str  # the denoiser's precision (fp32, int8, int4, fp16)
     denoiser_file: Path | None  # the denoiser graph to profile; None for eager
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    p50, p90, p99 = np.percentile(np.asarray(values), [50, 90, 99])
-    return {"p50_s": float(p50), "p90_s": float(p90), "p99_s": float(p99), "mean_s": statistics.fmean(values),
-            "count": len(values)}  # fmt: skip
 
 
 def latency(jobs: list[ImageJob]) -> dict[str, dict]:
@@ -54,8 +55,6 @@ def latency(jobs: list[ImageJob]) -> dict[str, dict]:
 
 def image_agreement(baseline: list[np.ndarray], images: list[np.ndarray]) -> dict:
     """PSNR/SSIM of each image against the eager image from the same prompt and latents."""
-    from modelkiln.validate_diffusion import image_metrics
-
     rows = [image_metrics(image, reference) for image, reference in zip(images, baseline, strict=True)]
     return {
         "images": len(rows),
@@ -68,8 +67,6 @@ def image_agreement(baseline: list[np.ndarray], images: list[np.ndarray]) -> dic
 
 
 def artifact_sizes(directory: Path) -> Sizes:
-    from modelkiln.manifest import read_manifest
-
     manifest = read_manifest(directory)
     name = next(n for n in DENOISERS if n in manifest.components)
     spec = manifest.components[name]
@@ -83,8 +80,6 @@ def artifact_sizes(directory: Path) -> Sizes:
 
 
 def source_sizes(source: str) -> Sizes:
-    from modelkiln.exporters.source import resolve_source
-
     resolved = resolve_source(source)
     sizes = {name: (resolved.path / name).stat().st_size for name in resolved.weight_files}
     denoiser = sum(size for name, size in sizes.items() if name.split("/")[0] in DENOISERS)
@@ -95,8 +90,6 @@ def profile_steps(runners: dict, variants: list[Variant], config, log: Callable[
     """One profiled denoising step per variant, on the feeds the first ONNX variant recorded.
 
     Empties ``runners`` after the eager profile, so each ONNX profile session loads alone."""
-    from .diffusion_profile import ort_step_profile, torch_step_profile
-
     recorded = runners[variants[0].name].pipe.recorder
     denoiser = next(name for name in DENOISERS if name in recorded)
     feeds = recorded[denoiser]
@@ -120,19 +113,11 @@ def _rss(target: str, eager: bool, latent_shape: tuple[int, ...], context: dict)
     config = context["config"]
     if not config.measure_rss:
         return None
-    from .diffusion_rss import measure_diffusion_rss
-
     return measure_diffusion_rss(target, eager, context["settings"], tuple(latent_shape), config.threads)
 
 
 def step_flops_of(source: str, context: dict, latent_shape: tuple[int, ...]) -> dict | None:
     """FLOPs of one denoiser call at the benchmark's shapes (batch 2 when guided)."""
-    import json
-
-    from modelkiln.exporters.source import resolve_source
-
-    from .diffusion_roofline import step_flops
-
     settings = context["settings"]
     folder = resolve_source(source).path
     denoiser = next(name for name in DENOISERS if (folder / name / "config.json").is_file())
@@ -152,8 +137,6 @@ def variant_row(
     name: str, target: str, sizes: Sizes, rss: int | None, timings, baseline, context: dict
 ) -> dict:
     """Everything measured for one variant, as report.json stores it."""
-    from .diffusion_roofline import step_bounds
-
     stages = latency(timings.jobs)
     total = sum(job.total_s for job in timings.jobs)
     return {
@@ -165,7 +148,9 @@ def variant_row(
         "peak_rss_bytes": rss,
         "latency": stages,
         "images_per_s": len(timings.jobs) / total,
-        "quality": image_agreement(baseline.images, timings.images),
+        "quality": image_agreement(
+            [j.image for j in baseline.first_pass], [j.image for j in timings.first_pass]
+        ),
         "roofline": step_bounds(
             context["machine"], context["flops"], sizes.precision, stages["step"]["p50_s"], name == EAGER
         ),

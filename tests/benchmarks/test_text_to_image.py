@@ -11,10 +11,12 @@ import json
 
 import pytest
 
-from modelkiln.benchmarks.diffusion_presets import DIFFUSION_PRESETS, build_sd3_pipeline
-from modelkiln.benchmarks.diffusion_roofline import sd3_step_flops, step_bounds
-from modelkiln.benchmarks.diffusion_rss import measure_diffusion_rss
-from modelkiln.benchmarks.diffusion_runners import Generation
+from modelkiln.benchmarks.text_to_image.harness import TextToImageConfig as DiffusionBenchConfig
+from modelkiln.benchmarks.text_to_image.harness import resolve_diffusion_source
+from modelkiln.benchmarks.text_to_image.presets import DIFFUSION_PRESETS, build_sd3_pipeline
+from modelkiln.benchmarks.text_to_image.probe import measure_diffusion_rss
+from modelkiln.benchmarks.text_to_image.roofline import sd3_step_flops, step_bounds
+from modelkiln.benchmarks.text_to_image.runners import Generation
 from modelkiln.cli import main
 from modelkiln.errors import KilnError
 
@@ -138,6 +140,4 @@ def test_a_family_without_a_diffusion_bench_is_refused(tmp_path, capsys):
     assert code != 0
     assert "runs sd3" in capsys.readouterr().err.replace("\n", " ")
     with pytest.raises(KilnError, match="--preset huge: unknown"):
-        from modelkiln.benchmarks.diffusion_harness import DiffusionBenchConfig, resolve_diffusion_source
-
         resolve_diffusion_source(DiffusionBenchConfig(out=tmp_path, preset="huge"), log=print)

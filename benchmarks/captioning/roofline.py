@@ -1,6 +1,5 @@
-"""Roofline figures: what this machine can do at best, and the bounds a variant is measured against.
+"""Captioner roofline: the work of one image and one decode step, and how far a variant is from its bound.
 
-    machine = measure_machine(threads=2)   # {"gemm_gflops": ..., "read_gbps": ...}
     encoder_flops(source_config)           # analytic FLOPs of the ViT-GPT2 encoder graph, batch 1
     bounds(machine, decoder_bytes, flops)  # per-token decode and encoder lower bounds, in seconds
 
@@ -10,40 +9,10 @@ its bound is those weight bytes over read bandwidth; the encoder is a few large 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-GEMM_SIZE = 2048  # square fp32 matmul: large enough to reach the BLAS peak, ~0.1 s on 2 cores
-READ_BYTES = 512 * 2**20  # summed array: far beyond the last-level cache, so it measures DRAM
-REPEATS = 5  # best of: drift and other tenants only ever slow a run down
-
-
-def _best(run, repeats: int = REPEATS) -> float:
-    run()  # warm-up: page faults, thread pool start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def measure_machine(threads: int) -> dict[str, Any]:
-    """fp32 GEMM GFLOP/s and memory read GB/s on ``threads`` threads (torch, like the eager baseline)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.rand(GEMM_SIZE, GEMM_SIZE), torch.rand(GEMM_SIZE, GEMM_SIZE)
-    gemm = _best(lambda: torch.matmul(a, b))
-    big = torch.ones(READ_BYTES // 4)
-    read = _best(lambda: big.sum())
-    return {
-        "threads": threads,
-        "gemm_gflops": round(2 * GEMM_SIZE**3 / gemm / 1e9, 1),
-        "read_gbps": round(READ_BYTES / read / 1e9, 1),
-        "method": f"best of {REPEATS}: torch.matmul {GEMM_SIZE}^2 fp32; torch.sum over {READ_BYTES >> 20} MiB",
-    }
+import onnx
 
 
 def _vit_flops(vit: dict) -> float:
@@ -70,8 +39,6 @@ def encoder_flops(config: dict) -> float | None:
 
 
 def _initializer_bytes(tensor) -> int:
-    import onnx
-
     count = 1
     for size in tensor.dims:
         count *= size
@@ -87,8 +54,6 @@ def step_weight_bytes(graph_path: Path) -> int:
     variants keep GPT-2's fp32 table for the lookup beside a quantized lm_head copy, so counting it
     would inflate their bound by ~150 MB.
     """
-    import onnx
-
     # Shapes and dtypes only: external weight files are not read.
     graph = onnx.load(str(graph_path), load_external_data=False).graph
     consumers: dict[str, set[str]] = {}

@@ -1,7 +1,7 @@
-"""`kiln bench`: latency, throughput, memory, size, quality and roofline of every variant vs PyTorch.
+"""`kiln bench`: latency, throughput, memory, size, quality and roofline of every captioning variant vs PyTorch.
 
-    from modelkiln.benchmarks.harness import BenchConfig, run_bench
-    report = run_bench(BenchConfig(out=Path("bench"), preset="tiny", schemes=("int8-dynamic",)))
+    from modelkiln.benchmarks.captioning.harness import CaptioningConfig, run_bench
+    report = run_bench(CaptioningConfig(out=Path("bench"), preset="tiny", schemes=("int8-dynamic",)))
     # bench/report.json, bench/report.md, bench/*.png
 
 Every variant (the PyTorch eager fp32 baseline first, then each ONNX artifact, then each peer
@@ -15,147 +15,89 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.progress import Progress
 
-from modelkiln.errors import KilnError
+from modelkiln.exporters.source import resolve_source as resolve_model
+from modelkiln.fixtures import shapes
+from modelkiln.manifest import read_manifest
+from modelkiln.quantize.quantize import QuantizeConfig
 
+from ..core import roofline as machine_roofline
+from ..core.config import BenchConfig, TaskOptions, check_config
+from ..core.source import model_or_preset
+from ..core.tables import machine_info, plain_json, settings_of
+from ..core.timing import EAGER, Timings, percentiles, time_variants
+from ..core.variants import Variant, prepare_variants, variant_gate
 from . import roofline
-from .peers import PeerRunner, PeerSetup, check_peers, prepare_peers
+from .peers import PeerRunner, PeerSetup, check_peers, default_root, prepare_peers
+from .presets import PRESETS, build_preset
+from .probe import measure_rss
 from .quality import caption_agreement
+from .report import write_reports
 from .runners import EagerRunner, Job, OrtRunner
-from .variants import Variant, check_schemes, prepare_variants, variant_gate
 
 IMAGE_SEEDS = 80_000  # drawn benchmark images: away from training, validation and quantize seeds
-EAGER = "pytorch-eager"
+QUALITY_IMAGES = 4  # kiln quantize's own quality check: the benchmark measures quality itself
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """One benchmark run."""
+class CaptioningConfig(BenchConfig):
+    """One captioning benchmark run: the shared fields, then the captioner's."""
 
-    out: Path  # results folder: report.json, report.md, PNG plots
-    model: str | None = None  # source model (hub id or local dir): the eager baseline and on-the-fly exports
-    preset: str | None = None  # "tiny" or "full": build a random-weight ViT-GPT2 source instead of --model
-    variants: tuple[str, ...] = ()  # existing artifact directories to compare
-    schemes: tuple[str, ...] = ()  # schemes to quantize on the fly from an fp32 export of the source
-    work_dir: Path | None = None  # presets and on-the-fly artifacts; None puts them in OUT/artifacts
-    threads: int = 2  # intra-op threads for torch and onnxruntime alike
-    repeats: int = 5  # timed passes over the images per variant
-    warmup: int = 1  # untimed passes first (thread pools, allocators, page cache)
     images: int = 4  # drawn images per pass
     max_new_tokens: int = 16  # tokens every variant decodes (min_new_tokens is set to the same)
-    measure_rss: bool = True  # peak RSS per variant in a fresh subprocess (a few seconds each)
-    plots: bool = True  # PNG plots when matplotlib is importable
-    progress: bool = True  # rich progress bar on stderr
-    command: str = ""  # the exact command line, recorded in the report
     peers: tuple[str, ...] = ()  # other toolchains to time beside the variants (keys of peers.PEERS)
     peers_dir: Path | None = None  # where peer virtualenvs live; None: ~/.cache/modelkiln/peers
 
     @property
-    def artifacts_dir(self) -> Path:
-        return self.work_dir or self.out / "artifacts"
-
-    @property
     def peers_root(self) -> Path:
-        from .peers import default_root
-
         return self.peers_dir or default_root()
 
 
-def model_or_preset(
-    model: str | None,
-    preset: str | None,
-    presets: dict,
-    build: Callable[[str, Path], Path],
-    artifacts_dir: Path,
-    log: Callable[[str], None],
-) -> str:
-    """--model as given, or ``build(preset, artifacts_dir)``: the preset's source built (or reused)."""
-    if (model is None) == (preset is None):
-        raise KilnError("give exactly one of --model SRC or --preset {tiny,full}.")
-    if model is not None:
-        _refuse_pickle(model)
-        return model
-    if preset not in presets:
-        raise KilnError(f"--preset {preset}: unknown. Valid presets: {', '.join(presets)}.")
-    log(f"preset {preset}: building or reusing it under {artifacts_dir}")
-    return str(build(preset, artifacts_dir))
+def configure(base: BenchConfig, options: TaskOptions) -> CaptioningConfig:
+    """The captioning config of a request: images per pass, tokens and peers from ``options``."""
+    return CaptioningConfig(
+        **vars(base),
+        images=options.per_pass,
+        max_new_tokens=options.max_new_tokens,
+        peers=options.peers,
+        peers_dir=options.peers_dir,
+    )
 
 
-def _refuse_pickle(model: str) -> None:
-    """The benchmark loads its source several times over; it takes safetensors weights only."""
-    from modelkiln.exporters.source import resolve_source as resolve_model
-
-    source = resolve_model(model, allow_pickle=True)
-    if source.uses_pickle:
-        raise KilnError(
-            f"{source.path} holds only pickle weights ({', '.join(source.weight_files[:3])}); kiln bench "
-            "loads safetensors only. Re-save the model with save_pretrained(..., safe_serialization=True) "
-            "if you trust its origin, then bench that folder."
-        )
-
-
-def resolve_source(config: BenchConfig, log: Callable[[str], None]) -> str:
+def resolve_source(config: CaptioningConfig, log: Callable[[str], None]) -> str:
     """The source model path: --model as given, or the preset built under the work dir."""
-    from .presets import PRESETS, build_preset
-
-    return model_or_preset(config.model, config.preset, PRESETS, build_preset, config.artifacts_dir, log)
+    return model_or_preset(config, PRESETS, build_preset, log)
 
 
-def _check(config: BenchConfig) -> None:
-    for name in ("threads", "repeats", "images", "max_new_tokens"):
-        if getattr(config, name) < 1:
-            raise KilnError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
-    if config.warmup < 0:
-        raise KilnError(f"--warmup must be 0 or more, got {config.warmup}.")
-    check_schemes(config.schemes)
+def _check(config: CaptioningConfig) -> None:
+    check_config(config, ("threads", "repeats", "images", "max_new_tokens"))
     check_peers(config.peers)
 
 
-@dataclass
-class Timings:
-    """Measured jobs of one variant: the captions of the first pass and every timed job."""
+def quantize_config(parent: Path, scheme: str) -> QuantizeConfig:
+    """`kiln quantize`'s settings for an on-the-fly variant: a small quality check and no gate.
 
-    captions: list[Job] = field(default_factory=list)
-    jobs: list[Job] = field(default_factory=list)
+    A variant below `kiln quantize`'s default gates is still measured and shown as a marked row
+    (variant_gate), so one weak scheme cannot cost the report its other rows."""
+    return QuantizeConfig(scheme=scheme, num_images=QUALITY_IMAGES, overwrite=True, max_new_empty=None)
 
 
-def time_variants(runners: dict[str, Any], images: list, config: BenchConfig) -> dict[str, Timings]:
-    """Warm-up passes, then timed passes; within a pass every image goes through every variant in turn.
-
-    Image by image rather than variant by variant: a neighbour's burst on this shared 2-core machine
-    lasts seconds, so it lands on all variants' jobs of that image alike instead of on one variant.
-    """
-    timings = {name: Timings() for name in runners}
-    passes = config.warmup + config.repeats
-    with Progress(console=Console(stderr=True), transient=True, disable=not config.progress) as progress:
-        task = progress.add_task("timing", total=passes * len(runners) * len(images))
-        for index in range(passes):
-            for image in images:
-                for name, runner in runners.items():
-                    progress.update(task, description=f"pass {index + 1}/{passes}: {name}")
-                    job = runner.run(image)
-                    progress.advance(task)
-                    if index == 0:
-                        timings[name].captions.append(job)
-                    if index >= config.warmup:
-                        timings[name].jobs.append(job)
-    return timings
+def _run_job(runner, index: int, advance, images: list) -> Job:
+    job = runner.run(images[index])
+    advance()
+    return job
 
 
 def latency(jobs: list[Job], max_new_tokens: int) -> dict[str, float]:
     totals = np.array([job.total_s for job in jobs])
-    p50, p90, p99 = np.percentile(totals, [50, 90, 99])
+    stats = percentiles(list(totals))
     return {
-        "p50_s": float(p50),
-        "p90_s": float(p90),
-        "p99_s": float(p99),
+        **{key: stats[key] for key in ("p50_s", "p90_s", "p99_s")},
         "mean_s": float(totals.mean()),
         "jobs": len(jobs),
         "images_per_s": len(jobs) / float(totals.sum()),
@@ -170,8 +112,6 @@ def stage_medians(jobs: list[Job]) -> dict[str, float]:
 
 def artifact_bytes(directory: Path) -> tuple[int, int | None]:
     """(all files of the artifact, weight bytes one decoder step reads) in bytes."""
-    from modelkiln.manifest import read_manifest
-
     manifest = read_manifest(directory)
     total = sum((directory / name).stat().st_size for name in manifest.files)
     spec = manifest.components.get("decoder")
@@ -187,11 +127,9 @@ def eager_bytes(runner: EagerRunner, source: str) -> tuple[int, int | None]:
     a lookup-only table (wpe) costs one row. The cross-attention K/V projections still count, although
     transformers runs them on the first step only: the eager bound is slightly generous.
     """
-    import torch
+    import torch  # here, not at the top: the task registry stays importable without loading torch
 
-    from modelkiln.exporters.source import resolve_source
-
-    resolved = resolve_source(source)
+    resolved = resolve_model(source)
     total = sum((resolved.path / name).stat().st_size for name in resolved.weight_files)
     decoder = getattr(runner.model, "decoder", None)
     if decoder is None:
@@ -208,11 +146,9 @@ def eager_bytes(runner: EagerRunner, source: str) -> tuple[int, int | None]:
     )
 
 
-def _rss(name: str, target: str, config: BenchConfig) -> int | None:
+def _rss(name: str, target: str, config: CaptioningConfig) -> int | None:
     if not config.measure_rss:
         return None
-    from .rss import measure_rss
-
     return measure_rss(target, name == EAGER, config.threads, config.max_new_tokens, IMAGE_SEEDS)
 
 
@@ -227,7 +163,7 @@ class Measured:
     gate: tuple[str, ...] = ()  # `kiln quantize`'s default gates this variant misses; () when it passes
 
 
-def measure(runners: dict[str, Any], source: str, variants: list[Variant], config: BenchConfig) -> dict:
+def measure(runners: dict[str, Any], source: str, variants: list[Variant], config: CaptioningConfig) -> dict:
     """Sizes and peak memory of every runner, by name."""
     measured = {EAGER: Measured(source, *eager_bytes(runners[EAGER], source), _rss(EAGER, source, config))}
     for v in variants:
@@ -244,7 +180,7 @@ def measure(runners: dict[str, Any], source: str, variants: list[Variant], confi
 
 def variant_row(name: str, measured: Measured, timings: Timings, baseline: Timings, context: dict) -> dict:
     """Everything measured for one variant, as report.json stores it."""
-    config: BenchConfig = context["config"]
+    config: CaptioningConfig = context["config"]
     stages = stage_medians(timings.jobs)
     return {
         "name": name,
@@ -253,14 +189,14 @@ def variant_row(name: str, measured: Measured, timings: Timings, baseline: Timin
         "latency": latency(timings.jobs, config.max_new_tokens),
         "stages_s": stages,
         "peak_rss_bytes": measured.peak_rss_bytes,
-        "quality": caption_agreement(baseline.captions, timings.captions),
+        "quality": caption_agreement(baseline.first_pass, timings.first_pass),
         "gate": list(measured.gate),
         "roofline": roofline.multiples(context["machine"], measured.decoder_bytes, context["flops"], stages),
     }
 
 
 def _load_runners(
-    source: str, variants: list[Variant], peers: list[PeerSetup], images: list, config: BenchConfig
+    source: str, variants: list[Variant], peers: list[PeerSetup], images: list, config: CaptioningConfig
 ) -> dict[str, Any]:
     runners: dict[str, Any] = {EAGER: EagerRunner(source, config.threads, config.max_new_tokens)}
     for variant in variants:
@@ -280,15 +216,14 @@ def _close(runners: dict[str, Any]) -> None:
 def _measure_all(
     source: str, variants: list[Variant], peers: list[PeerSetup], context: dict, log
 ) -> list[dict]:
-    """Time every variant and peer on the same images, round-robin; one report row each."""
-    from modelkiln.fixtures import shapes
-
-    config: BenchConfig = context["config"]
+    """Time every variant and peer on the same images, round-robin (image by image); one report row each."""
+    config: CaptioningConfig = context["config"]
     log(f"loading {len(variants) + len(peers) + 1} variants")
     images = [shapes.draw(IMAGE_SEEDS + i)[0] for i in range(config.images)]
     runners = _load_runners(source, variants, peers, images, config)
     try:
-        timings = time_variants(runners, images, config)
+        run = lambda runner, index, advance: _run_job(runner, index, advance, images)  # noqa: E731
+        timings = time_variants(runners, len(images), config, run)
         log("measuring peak memory per variant")
         measured = measure(runners, source, variants, config)
     finally:
@@ -296,20 +231,16 @@ def _measure_all(
     return [variant_row(name, m, timings[name], timings[EAGER], context) for name, m in measured.items()]
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: None) -> dict:
+def run_bench(config: CaptioningConfig, log: Callable[[str], None] = lambda message: None) -> dict:
     """Run the whole benchmark and write report.json, report.md and plots into ``config.out``."""
-    import json
-
-    from modelkiln.exporters.source import resolve_source as resolve_model
-
-    from .report import machine_info, write_reports
-
     # 1. Check the request, then build or find the source, every variant and every peer's export.
     _check(config)
     source = resolve_source(config, log)
     log("measuring this machine's GEMM and memory bandwidth")
-    machine = roofline.measure_machine(config.threads)
-    variants = prepare_variants(source, config.schemes, config.variants, config.artifacts_dir, log)
+    machine = machine_roofline.measure_machine(config.threads)
+    variants = prepare_variants(
+        source, config.schemes, config.variants, config.artifacts_dir, log, quantize_config
+    )
     peers, notes = prepare_peers(config.peers, source, config.peers_root, config.artifacts_dir, log)
     # 2. Time them all on the same images, round-robin, and summarise each against the eager baseline.
     flops = roofline.encoder_flops(resolve_model(source).config)
@@ -318,12 +249,27 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda message: 
     report = {
         "command": config.command,
         "source": source,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()},
+        "settings": settings_of(config),
         "machine": {**machine_info(), "roofline": machine, "encoder_flops": flops},
         "variants": rows,
         "peers": notes,
     }
-    report = json.loads(json.dumps(report, default=str))  # plain JSON types throughout
+    report = plain_json(report)
     # 3. Write the reports.
     write_reports(report, config.out, config.plots)
     return report
+
+
+def p50_s(row: dict) -> float:
+    """A report row's median seconds per image, end to end."""
+    return row["latency"]["p50_s"]
+
+
+def print_rows(report: dict, console) -> None:
+    """One line per variant and per target on ``console``."""
+    eager = p50_s(report["variants"][0])
+    for row in report["variants"]:
+        p50 = p50_s(row)
+        console.print(f"  {row['name']:14} p50 {p50 * 1e3:8.1f} ms  {eager / p50:5.2f}x eager")
+    for check in report["targets"]:
+        console.print(f"  {'met' if check['met'] else 'MISSED':6} {check['target']}: {check['value']:.2f}")

@@ -1,0 +1,1 @@
+"""What every benchmark task shares; nothing here knows captions or images."""
