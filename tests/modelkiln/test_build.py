@@ -206,3 +206,24 @@ def test_shipped_recipes_parse_and_the_fixture_recipe_builds_the_shipped_caption
     assert load_recipe("shapes-captioner") == recipes["shapes-captioner"]  # shipped recipes by name
     workflow = (RECIPES_DIR / "github-ci.yml").read_text()
     assert "kiln build" in workflow and "actions/upload-artifact" in workflow
+
+
+def test_a_diffusion_recipe_benchmarks_the_text_to_image_task(tmp_path):
+    """[bench] on a diffusion source runs the text-to-image benchmark, not the captioner's."""
+    from modelkiln.benchmarks.text_to_image.presets import build_diffusion_preset
+
+    source = build_diffusion_preset("tiny", tmp_path / "presets")
+    recipe = tmp_path / "sd3.toml"
+    recipe.write_text(
+        f'[source]\nmodel = "{source}"\n\n[validate]\nenabled = false\n\n'
+        "[bench]\nenabled = true\nrepeats = 1\nwarmup = 0\nimages = 1\nmeasure_rss = false\nplots = false\n"
+    )
+    out = tmp_path / "build"
+    summary = run_build(load_recipe(recipe), out)
+    assert summary["passed"] and summary["steps"]["bench"] == "built"
+    report = json.loads((out / "reports" / "bench" / "report.json").read_text())
+    assert report["task"] == "text-to-image" and report["family"] == "sd3"
+    assert [row["name"] for row in report["variants"]] == ["pytorch-eager", "onnx-fp32"]
+    assert report["settings"]["prompts"] == 1 and report["variants"][1]["latency"]["pipeline"]["count"] == 1
+    rows = summary["bench"]["rows"]
+    assert [row["artifact"] for row in rows] == [None, "artifacts/fp32"] and rows[1]["p50_ms"] > 0
