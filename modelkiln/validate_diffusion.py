@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from modelkiln.manifest import Manifest, read_manifest, write_manifest
+from modelkiln.metrics import image_metrics, psnr  # noqa: F401 (psnr: used by the family tests)
 from modelkiln.registry import get_family
 
 
@@ -44,32 +45,6 @@ class DiffusionValidateConfig:
     allow_pickle: bool = False  # passed to the source loader, as for export
     backend: str = "cpu"  # runtime backend the artifact is run on
     update_manifest: bool = True  # record the report in manifest.json
-
-
-PSNR_IDENTICAL = 200.0  # reported for identical images, whose PSNR is infinite (JSON has no infinity)
-
-
-def psnr(ours: np.ndarray, reference: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
-    mse = float(np.mean((ours.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return PSNR_IDENTICAL if mse == 0 else min(PSNR_IDENTICAL, float(10 * np.log10(1.0 / mse)))
-
-
-def ssim(ours: np.ndarray, reference: np.ndarray) -> float:
-    """Structural similarity of two [H, W, 3] images in [0, 1] (scikit-image)."""
-    from skimage.metrics import structural_similarity
-
-    side = min(ours.shape[0], ours.shape[1])
-    window = min(7, side if side % 2 else side - 1)
-    return float(structural_similarity(ours, reference, channel_axis=-1, data_range=1.0, win_size=window))
-
-
-def image_metrics(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    return {
-        "psnr": psnr(ours, reference),
-        "ssim": ssim(ours, reference),
-        "max_pixel_diff": float(np.max(np.abs(ours - reference)) * 255),
-    }
 
 
 def reference_pipeline(manifest: Manifest, source):

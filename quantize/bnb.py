@@ -17,73 +17,30 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from modelkiln.artifact import finish, staged_artifact
 from modelkiln.errors import KilnError, SourceModelError
 from modelkiln.manifest import (
-    MANIFEST_NAME,
     Manifest,
     SourceSpec,
-    artifact_hash,
-    read_manifest,
-    require_intact,
 )
 from modelkiln.registry import Family, detect_family, get_family
 
-# Module classes bitsandbytes puts in place of nn.Linear; counted into the manifest.
-QUANTIZED_MODULES = ("Linear8bitLt", "Linear4bit")
-
-
-def int8_config(options: dict) -> dict[str, Any]:
-    """BitsAndBytesConfig arguments of bnb-int8 (LLM.int8: int8 weights, fp outliers above threshold)."""
-    return {"load_in_8bit": True, "llm_int8_threshold": float(options["llm_int8_threshold"])}
-
-
-def _four_bit(quant_type: str) -> Callable[[dict], dict[str, Any]]:
-    def config(options: dict) -> dict[str, Any]:
-        # CPU kernels compute in float32; the fp16 default is meant for GPUs.
-        return {
-            "load_in_4bit": True,
-            "bnb_4bit_quant_type": quant_type,
-            "bnb_4bit_use_double_quant": bool(options["double_quant"]),
-            "bnb_4bit_compute_dtype": "float32",
-        }
-
-    return config
-
-
-nf4_config = _four_bit("nf4")
-fp4_config = _four_bit("fp4")
-
-
-@dataclass(frozen=True)
-class BnbSource:
-    """What a bitsandbytes variant is made from."""
-
-    model: str  # source model (hub id or save_pretrained directory) the weights are loaded from
-    parent_dir: Path | None  # ONNX artifact it was given as, None when the model was given directly
-    parent: Manifest | None  # that artifact's manifest
-
-
-def resolve_bnb_source(given: str | os.PathLike) -> BnbSource:
-    """An ONNX artifact (its manifest names the source model) or a source model given directly."""
-    path = Path(given)
-    if not (path / MANIFEST_NAME).is_file():
-        return BnbSource(str(given), None, None)
-    parent_dir = path.absolute()
-    manifest = read_manifest(parent_dir)
-    if manifest.kind != "onnx":
-        raise KilnError(
-            f"{parent_dir} is already a {manifest.kind} variant ({manifest.precision}). Pass its ONNX "
-            f"parent or the original model ({manifest.source.model})."
-        )
-    require_intact(parent_dir, manifest)
-    return BnbSource(manifest.source.model, parent_dir, manifest)
+from .bnb_common import (
+    QUANTIZED_MODULES,
+    BnbSource,
+    bnb_version,
+    module_counts,
+    parent_record,
+    resolve_bnb_source,
+    torch_bnb_kwargs,
+    unpackable_for_4bit,
+)
+from .bnb_diffusion import make_diffusion_variant
+from .schemes import get_scheme, resolve_options
+from .variant import QuantizeConfig, measure_quality, record_quality
 
 
 def _check_same_weights(source, given: BnbSource) -> None:
@@ -101,22 +58,6 @@ def _check_not_quantized(source) -> None:
         raise SourceModelError(
             f"{source.path} is already quantized ({method}). Pass the original float model to quantize it."
         )
-
-
-def bnb_config_dict(scheme: str, options: dict) -> dict[str, Any]:
-    from .schemes import get_scheme
-
-    return get_scheme(scheme).load_apply()(options)
-
-
-def torch_bnb_kwargs(scheme: str, options: dict) -> dict[str, Any]:
-    """The scheme's BitsAndBytesConfig arguments, the compute dtype as the torch dtype the configs take."""
-    import torch
-
-    settings = bnb_config_dict(scheme, options)
-    if "bnb_4bit_compute_dtype" in settings:
-        settings = {**settings, "bnb_4bit_compute_dtype": getattr(torch, settings["bnb_4bit_compute_dtype"])}
-    return settings
 
 
 def load_quantized(source, family: Family, scheme: str, options: dict, trust_remote_code: bool = False):
@@ -141,31 +82,17 @@ def load_quantized(source, family: Family, scheme: str, options: dict, trust_rem
     )
 
 
-BNB_4BIT_BLOCK = 64  # weights per bitsandbytes 4-bit quantization block (its blocksize default)
-
-
 def four_bit_skips(source, loader, trust_remote_code: bool = False) -> list[str]:
     """Modules a 4-bit scheme keeps in full precision: transformers' own choice (tied and output
-    embeddings), plus every Linear whose input width is not a whole number of 4-bit blocks.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights block by block on the first forward
-    and fails on such a layer (``shape '[96, 0]' is invalid``); a checkpoint quantized elsewhere would
-    then crash there. Real checkpoints have no such layer; small models do. Listed in the manifest's
-    bitsandbytes_config.
-    """
-    import torch
+    embeddings), plus every Linear bitsandbytes' AVX512-BF16 CPU path cannot pack (``unpackable_for_4bit``).
+    Listed in the manifest's bitsandbytes_config."""
     from accelerate import init_empty_weights
     from transformers.quantizers.base import get_keys_to_not_convert
 
     config = loader.config_class.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = loader._from_config(config)  # on the meta device: names and shapes, no weights
-    narrow = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module.in_features % BNB_4BIT_BLOCK
-    ]
-    return sorted({*get_keys_to_not_convert(model), *narrow})
+    return sorted({*get_keys_to_not_convert(model), *unpackable_for_4bit(model)})
 
 
 def _require_bitsandbytes() -> None:
@@ -178,12 +105,6 @@ def _require_bitsandbytes() -> None:
             f"bitsandbytes schemes need the bitsandbytes and accelerate packages ({exc}). Install them: "
             "pip install 'modelkiln[bnb]'."
         ) from exc
-
-
-def module_counts(model) -> dict[str, int]:
-    """How many modules of each quantized class (and plain Linear) the model holds."""
-    counts = Counter(type(module).__name__ for module in model.modules())
-    return {name: counts[name] for name in (*QUANTIZED_MODULES, "Linear") if counts[name]}
 
 
 def _quantization(scheme: str, options: dict, model) -> dict[str, Any]:
@@ -199,23 +120,8 @@ def _quantization(scheme: str, options: dict, model) -> dict[str, Any]:
     }
 
 
-def parent_record(given: BnbSource, out: str | os.PathLike) -> dict[str, Any] | None:
-    from .quantize import relative_parent
-
-    if given.parent is None:
-        return None
-    return {
-        "path": relative_parent(given.parent_dir, out),
-        "artifact_sha256": artifact_hash(given.parent),
-        "precision": given.parent.precision,
-        "kind": given.parent.kind,
-    }
-
-
 def _describe(source, family: Family, given: BnbSource, scheme: str, options: dict, model, out) -> Manifest:
     from modelkiln.exporters.export import tool_versions
-
-    from .schemes import get_scheme
 
     return Manifest(
         family=family.name,
@@ -230,12 +136,6 @@ def _describe(source, family: Family, given: BnbSource, scheme: str, options: di
         quantization=_quantization(scheme, options, model),
         kind="torch",
     )
-
-
-def bnb_version() -> dict[str, str]:
-    from importlib import metadata
-
-    return {"bitsandbytes": metadata.version("bitsandbytes")}
 
 
 def _reference_pipeline(given: BnbSource, source, variant: Manifest):
@@ -264,9 +164,6 @@ def make_bnb_artifact(
     """
     from modelkiln.exporters.source import resolve_source
 
-    from .quantize import QuantizeConfig
-    from .schemes import get_scheme, resolve_options
-
     config = config or QuantizeConfig(scheme)
     # 1. Check the request, the source and its family before loading any weights.
     if config.scheme != scheme:
@@ -281,8 +178,6 @@ def make_bnb_artifact(
     family = get_family(given.parent.family) if given.parent else detect_family(source.config, given.model)
     # 2. Quantize, save and measure: a diffusers pipeline, or a transformers captioner.
     if family.task == "text-to-image":
-        from .bnb_diffusion import make_diffusion_variant
-
         return make_diffusion_variant(given, source, family, out, options, config, log)
     _refuse_onnx_only(config)
     _check_not_quantized(source)
@@ -293,8 +188,6 @@ def _make_captioner_variant(
     given: BnbSource, source, family: Family, out, options: dict, config, trust_remote_code: bool, log
 ) -> Manifest:
     from modelkiln import runtime
-
-    from .quantize import measure_quality, record_quality
 
     scheme = config.scheme
     with staged_artifact(out, overwrite=config.overwrite) as staging:

@@ -30,7 +30,17 @@ from modelkiln.errors import KilnError, SourceModelError
 from modelkiln.manifest import Manifest, SourceSpec
 from modelkiln.registry import Family
 
-from .bnb import QUANTIZED_MODULES, BnbSource, bnb_version, module_counts, parent_record, torch_bnb_kwargs
+from .bnb_common import (
+    QUANTIZED_MODULES,
+    BnbSource,
+    bnb_version,
+    module_counts,
+    parent_record,
+    torch_bnb_kwargs,
+    unpackable_for_4bit,
+)
+from .schemes import get_scheme
+from .variant import measure_quality, record_quality
 
 
 def _present(source, name: str) -> bool:
@@ -62,29 +72,32 @@ def chosen_components(family: Family, config, runtime_config: dict, source) -> t
     return chosen
 
 
-def _linear_names(folder: Path, library: str, class_name: str) -> list[str]:
-    """Module paths of the component's nn.Linear layers, from a weightless (meta) instance of it."""
+def _meta_model(folder: Path, library: str, class_name: str):
+    """A weightless (meta) instance of a component: its module names and shapes."""
     import torch
 
     model_class = getattr(importlib.import_module(library), class_name)
     with torch.device("meta"):
         if library == "diffusers":
-            model = model_class.from_config(model_class.load_config(folder))
-        else:
-            model = model_class(model_class.config_class.from_pretrained(folder))
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+            return model_class.from_config(model_class.load_config(folder))
+        return model_class(model_class.config_class.from_pretrained(folder))
 
 
-def skip_modules(source, family: Family, name: str, exclude: tuple[str, ...]) -> list[str]:
-    """Linear layers of component ``name`` kept fp32: the family recipe's patterns and ``exclude``."""
+def skip_modules(source, family: Family, name: str, exclude: tuple[str, ...], four_bit: bool) -> list[str]:
+    """Linear layers of component ``name`` kept fp32: the family recipe's patterns and ``exclude``, and
+    for 4-bit schemes the layers bitsandbytes' CPU path cannot pack (``unpackable_for_4bit``)."""
+    import torch
+
     recipe = getattr(family.load_exporter(), "QUANTIZE_EXCLUDE", {}).get(name, ())
     patterns = (*recipe, *exclude)
-    if not patterns:
+    if not patterns and not four_bit:
         return []
     library, class_name = source.config[name]
-    names = _linear_names(source.path / name, library, class_name)
+    model = _meta_model(source.path / name, library, class_name)
+    names = [path for path, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     # Exact module paths: bitsandbytes' skip list also matches any path that merely starts with one.
-    return [path for path in names if any(fnmatchcase(path, pattern) for pattern in patterns)]
+    chosen = {path for path in names if any(fnmatchcase(path, pattern) for pattern in patterns)}
+    return sorted(chosen | set(unpackable_for_4bit(model) if four_bit else ()))
 
 
 def pipeline_quantization(source, components: tuple[str, ...], scheme: str, options: dict, skips: dict):
@@ -170,8 +183,6 @@ def _describe(
 ) -> Manifest:
     from modelkiln.exporters.export import tool_versions
 
-    from .schemes import get_scheme
-
     return Manifest(
         family=family.name,
         task=family.task,
@@ -210,13 +221,12 @@ def make_diffusion_variant(
     """Quantize the pipeline behind ``given`` into the torch artifact ``out`` (see make_bnb_artifact)."""
     from modelkiln import runtime
 
-    from .quantize import measure_quality, record_quality
-
     # 1. Decide what to quantize and which layers stay fp32, before loading any weights.
     runtime_config = _runtime_config(given, source, family)
     components = chosen_components(family, config, runtime_config, source)
     _check_source(given, source, components)
-    skips = {name: skip_modules(source, family, name, tuple(config.exclude)) for name in components}
+    four_bit = bool(torch_bnb_kwargs(config.scheme, options).get("load_in_4bit"))
+    skips = {name: skip_modules(source, family, name, tuple(config.exclude), four_bit) for name in components}
     quantization = pipeline_quantization(source, components, config.scheme, options, skips)
     with staged_artifact(out, overwrite=config.overwrite) as staging:
         # 2. Quantize while loading, then save the whole pipeline (tokenizers, scheduler, fp32 VAE).

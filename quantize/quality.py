@@ -14,17 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-
-def _token_agreement(a: list[int], b: list[int]) -> float:
-    """Fraction of positions where two token sequences agree, over the longer one."""
-    longest = max(len(a), len(b))
-    return 1.0 if longest == 0 else sum(x == y for x, y in zip(a, b, strict=False)) / longest
-
-
-def _bleu(hypotheses: list[str], references: list[str]) -> float:
-    import sacrebleu
-
-    return round(float(sacrebleu.corpus_bleu(hypotheses, [references]).score), 2)
+from modelkiln.metrics import bleu, image_metrics, token_agreement
 
 
 def _greedy(pipe, pixel_values, max_new_tokens: int) -> tuple[list[list[int]], list[str]]:
@@ -45,8 +35,8 @@ def caption_quality(
     report: dict[str, Any] = {
         "images": count,
         "agreement": sum(a == b for a, b in zip(variant_texts, parent_texts, strict=True)) / count,
-        "token_agreement": sum(map(_token_agreement, variant_tokens, parent_tokens)) / count,
-        "bleu_vs_parent": _bleu(variant_texts, parent_texts),
+        "token_agreement": sum(map(token_agreement, variant_tokens, parent_tokens)) / count,
+        "bleu_vs_parent": bleu(variant_texts, parent_texts),
         "empty_captions": sum(not text.strip() for text in variant_texts),
         # Empty where the parent said something: the silent failure to catch (transformers#30383).
         "new_empty_captions": sum(
@@ -61,8 +51,8 @@ def caption_quality(
         report["parent_accuracy_vs_truth"] = (
             sum(p == t for p, t in zip(parent_texts, truths, strict=True)) / count
         )
-        report["bleu_vs_truth"] = _bleu(variant_texts, truths)
-        report["parent_bleu_vs_truth"] = _bleu(parent_texts, truths)
+        report["bleu_vs_truth"] = bleu(variant_texts, truths)
+        report["parent_bleu_vs_truth"] = bleu(parent_texts, truths)
     return report
 
 
@@ -83,8 +73,6 @@ def image_quality(
     parent, variant, prompts: list[str], steps: int, size: int | None, seed: int
 ) -> dict[str, Any]:
     """Both pipelines from the same latents per prompt: PSNR/SSIM of the variant against the parent."""
-    from modelkiln.validate_diffusion import image_metrics
-
     rows, non_finite = [], 0
     for i, prompt in enumerate(prompts):
         request = parent.request(prompt, steps=steps, height=size, width=size, seed=seed + i)

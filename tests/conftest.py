@@ -69,20 +69,19 @@ def tiny_diffusion(tmp_path_factory):
 
 
 @pytest.fixture()
-def measured_agreement(monkeypatch):
-    """Make the next quantizations measure this caption agreement (the other figures stay real).
+def measured_figures(monkeypatch):
+    """Make the next captioner quantizations measure these figures (the others stay real).
 
     Which tokens an int8 or int4 random tiny model emits depends on the CPU's int8 path (VNNI or not),
     so a gate test that needs a figure below its limit sets the figure instead of hoping for it.
     """
-    from modelkiln.quantize import quantize as quantize_module
+    from modelkiln.quantize.quality import QUALITY
 
-    real = quantize_module.measure_quality
+    real = QUALITY["image-to-text"]
 
-    def patch(agreement: float) -> None:
-        def measure(*args, **kwargs):
-            return {**real(*args, **kwargs), "agreement": agreement}
-
-        monkeypatch.setattr(quantize_module, "measure_quality", measure)
+    def patch(**figures) -> None:
+        monkeypatch.setitem(
+            QUALITY, "image-to-text", lambda *args, **kwargs: {**real(*args, **kwargs), **figures}
+        )
 
     return patch

@@ -3,21 +3,15 @@
     caption_agreement(baseline_jobs, variant_jobs)
     # {"exact_match": 1.0, "token_agreement": 1.0, "bleu": 100.0, "chrf": 100.0, "empty_captions": 0}
 
-Reuses the token agreement and BLEU of ``modelkiln.quantize.quality`` (what `kiln quantize` gates
-on), adds chrF, which degrades more gradually than BLEU on short captions.
+The metrics are ``modelkiln.metrics``'s, the ones `kiln quantize` gates on; chrF is added because it
+degrades more gradually than BLEU on short captions.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from modelkiln.quantize.quality import _bleu, _token_agreement
-
-
-def _chrf(hypotheses: list[str], references: list[str]) -> float:
-    import sacrebleu
-
-    return round(float(sacrebleu.corpus_chrf(hypotheses, [references]).score), 2)
+from modelkiln.metrics import bleu, chrf, token_agreement
 
 
 def caption_agreement(baseline: list, variant: list) -> dict[str, Any]:
@@ -29,11 +23,11 @@ def caption_agreement(baseline: list, variant: list) -> dict[str, Any]:
         "images": count,
         "exact_match": sum(h == r for h, r in zip(hypotheses, references, strict=True)) / count,
         "token_agreement": sum(
-            _token_agreement(v.tokens, b.tokens) for v, b in zip(variant, baseline, strict=True)
+            token_agreement(v.tokens, b.tokens) for v, b in zip(variant, baseline, strict=True)
         )
         / count,
-        "bleu": _bleu(hypotheses, references),
-        "chrf": _chrf(hypotheses, references),
+        "bleu": bleu(hypotheses, references),
+        "chrf": chrf(hypotheses, references),
         "empty_captions": sum(not text.strip() for text in hypotheses),
         "examples": [
             {"baseline": r, "variant": h} for r, h in list(zip(references, hypotheses, strict=True))[:3]

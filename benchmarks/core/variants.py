@@ -18,8 +18,9 @@ from pathlib import Path
 from modelkiln.errors import KilnError
 from modelkiln.exporters.source import resolve_source
 from modelkiln.manifest import read_manifest
-from modelkiln.quantize.quantize import QuantizeConfig, gate_failures, quantize_artifact
+from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
 from modelkiln.quantize.schemes import SCHEMES
+from modelkiln.quantize.variant import gate_failures
 
 QuantizeConfigOf = Callable[[Path, str], QuantizeConfig]  # (parent artifact, scheme) -> settings
 

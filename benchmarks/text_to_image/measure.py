@@ -20,7 +20,7 @@ import numpy as np
 
 from modelkiln.exporters.source import resolve_source
 from modelkiln.manifest import read_manifest
-from modelkiln.validate_diffusion import image_metrics
+from modelkiln.metrics import image_metrics
 
 from ..core.timing import EAGER, percentiles
 from ..core.variants import Variant

@@ -14,7 +14,7 @@ import pytest
 from modelkiln.build import RECIPES_DIR, RecipeError, load_recipe, run_build
 from modelkiln.cli import main
 from modelkiln.fixtures import CAPTIONER_DIR, shapes
-from modelkiln.manifest import read_manifest, verify_files
+from modelkiln.manifest import extra_files, read_manifest, verify_files
 from modelkiln.registry import FAMILIES
 
 # A tiny recipe: external data, a calibrated scheme reading a folder beside the recipe, small counts.
@@ -98,7 +98,11 @@ def test_build_writes_artifacts_reports_and_a_summary_row_per_variant(built):
     markdown = (out / "summary.md").read_text()
     for name in rows:
         assert f"| {name} |" in markdown
-        assert verify_files(out / "artifacts" / name, read_manifest(out / "artifacts" / name)) == []
+        artifact = out / "artifacts" / name
+        assert (
+            verify_files(artifact, read_manifest(artifact)) == []
+            and extra_files(artifact, read_manifest(artifact)) == []
+        )
     assert (out / "artifacts" / "fp32" / "decoder.onnx.data").is_file()  # [export] external_data
     assert read_manifest(out / "artifacts" / "fp32").validation["passed"]
     assert json.loads((out / "reports" / "validation.json").read_text())["passed"]

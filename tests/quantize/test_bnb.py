@@ -16,7 +16,7 @@ from modelkiln.cli import main
 from modelkiln.errors import KilnError, SourceModelError, ValidationFailedError
 from modelkiln.exporters.export import export_model
 from modelkiln.exporters.source import resolve_source
-from modelkiln.manifest import artifact_hash, read_manifest, verify_files
+from modelkiln.manifest import artifact_hash, extra_files, read_manifest, verify_files
 from modelkiln.quantize.bnb import load_quantized, make_bnb_artifact
 from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
 from modelkiln.quantize.schemes import SCHEMES
@@ -70,7 +70,7 @@ def test_variant_manifest_records_kind_scheme_precision_and_hashes(variant, pare
     assert manifest.quantization["modules"][TESTED_TORCH_SCHEMES[scheme][1]] > 0
     assert manifest.parent["artifact_sha256"] == artifact_hash(read_manifest(parent[1]))
     assert {WEIGHTS, "config.json", "tokenizer.json", "preprocessor_config.json"} <= set(manifest.files)
-    assert verify_files(out, manifest) == []
+    assert verify_files(out, manifest) == [] and extra_files(out, manifest) == []
 
 
 def test_variant_runs_through_runtime_load(variant):
@@ -121,10 +121,10 @@ def test_quality_figures_are_computed(variant):
 
 
 def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(
-    variant, parent, tmp_path, measured_agreement
+    variant, parent, tmp_path, measured_figures
 ):
     scheme, _, _ = variant
-    measured_agreement(0.5)  # bitsandbytes' CPU kernels differ between CPUs too: set the figure
+    measured_figures(agreement=0.5)  # bitsandbytes' CPU kernels differ between CPUs too: set the figure
     config = QuantizeConfig(scheme, num_images=NUM_IMAGES, min_agreement=0.51)
     with pytest.raises(ValidationFailedError, match=r"agreement 0.500 < --min-agreement 0.51"):
         quantize_artifact(parent[1], tmp_path / "gated", config)

@@ -16,7 +16,7 @@ from modelkiln.cli import main
 from modelkiln.errors import KilnError, SourceModelError, ValidationFailedError
 from modelkiln.exporters.export import export_model
 from modelkiln.exporters.source import resolve_source
-from modelkiln.manifest import artifact_hash, read_manifest, verify_files
+from modelkiln.manifest import artifact_hash, extra_files, read_manifest, verify_files
 from modelkiln.quantize.bnb import make_bnb_artifact
 from modelkiln.quantize.bnb_diffusion import load_quantized_pipeline, pipeline_quantization
 from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
@@ -56,6 +56,7 @@ def test_manifest_records_scheme_components_modules_and_parent(variant):
     denoiser = "unet" if case.startswith("sd1") else "transformer"
     quantization = manifest.quantization
     assert manifest == read_manifest(out) and verify_files(out, manifest) == []
+    assert extra_files(out, manifest) == []  # nothing unlisted left in the variant
     assert manifest.kind == "torch" and manifest.task == "text-to-image" and manifest.components == {}
     assert manifest.precision == SCHEMES[scheme].precision and quantization["scheme"] == scheme
     assert quantization["components"] == list(components or (denoiser,))

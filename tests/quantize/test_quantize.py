@@ -13,7 +13,7 @@ from test_bnb import TESTED_TORCH_SCHEMES  # the bitsandbytes (torch artifact) s
 from modelkiln import runtime
 from modelkiln.cli import main
 from modelkiln.errors import KilnError, ValidationFailedError
-from modelkiln.manifest import artifact_hash, read_manifest, verify_files
+from modelkiln.manifest import artifact_hash, extra_files, read_manifest, verify_files
 from modelkiln.quantize.graph_prep import count_ops, prepare_weight_matmuls, weight_matmuls
 from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
 from modelkiln.quantize.schemes import SCHEMES, parse_option
@@ -87,18 +87,18 @@ def test_scheme_makes_a_smaller_runnable_variant_with_quality_figures(
     quality = manifest.quantization["quality"]
     assert {"agreement", "token_agreement", "bleu_vs_parent", "empty_captions"} <= set(quality)
     assert 0.0 <= quality["agreement"] <= 1.0 and quality["images"] == 4
-    assert verify_files(out, read_manifest(out)) == []
+    assert verify_files(out, read_manifest(out)) == [] and extra_files(out, read_manifest(out)) == []
     captions = runtime.load(out)([np.zeros((20, 20, 3), np.uint8)])
     assert isinstance(captions[0][0]["generated_text"], str)
 
 
 def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(
-    small_artifact, tmp_path, measured_agreement
+    small_artifact, tmp_path, measured_figures
 ):
     config = QuantizeConfig("int8-dynamic", num_images=4, max_new_empty=None)
     reached = quantize_artifact(small_artifact, tmp_path / "first", config)
     assert reached.quantization["gate"] == []
-    measured_agreement(0.5)
+    measured_figures(agreement=0.5)
     out = tmp_path / "gated"
     with pytest.raises(ValidationFailedError, match=r"agreement 0.500 < --min-agreement 0.51"):
         quantize_artifact(small_artifact, out, replace(config, min_agreement=0.51))
@@ -106,13 +106,8 @@ def test_gate_above_what_the_variant_reaches_fails_and_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
 
 
-def test_new_empty_captions_gate_is_named_and_can_be_relaxed(small_artifact, tmp_path, monkeypatch):
-    from modelkiln.quantize import quantize as quantize_module
-
-    real = quantize_module.measure_quality
-    monkeypatch.setattr(
-        quantize_module, "measure_quality", lambda *a, **k: {**real(*a, **k), "new_empty_captions": 2}
-    )
+def test_new_empty_captions_gate_is_named_and_can_be_relaxed(small_artifact, tmp_path, measured_figures):
+    measured_figures(new_empty_captions=2)
     config = QuantizeConfig("int8-dynamic", num_images=4)
     with pytest.raises(
         ValidationFailedError, match=r"2 empty captions where the parent captioned > --max-new-empty 0"
@@ -235,14 +230,12 @@ def test_option_parsing_types_values_from_the_scheme_table():
         parse_option("block_size=big")
 
 
-def test_cli_quantize_and_gate_exit_codes(
-    small_artifact, wide_artifact, tmp_path, capsys, measured_agreement
-):
+def test_cli_quantize_and_gate_exit_codes(small_artifact, wide_artifact, tmp_path, capsys, measured_figures):
     argv = ["quantize", str(wide_artifact), "--scheme", "int4-weight", "--out", str(tmp_path / "q4")]
     code = main([*argv, "--num-images", "2", "--option", "block_size=16"])
     err = capsys.readouterr().err
     assert code == 0 and "MatMulNBits nodes" in err and "next: kiln caption" in err
-    measured_agreement(0.5)
+    measured_figures(agreement=0.5)
     argv = ["quantize", str(small_artifact), "--scheme", "int8-dynamic", "--out", str(tmp_path / "q8")]
     code = main([*argv, "--num-images", "4", "--min-agreement", "0.75", "--option", "per_channel=true"])
     assert code == 1 and "quality gate failed" in capsys.readouterr().err
