@@ -62,6 +62,8 @@ class Family:
     matches: Callable[[dict[str, Any]], bool]  # True when a config.json dict belongs to this family
     exporter: str  # module path of the exporter (imports torch)
     pipeline: str  # "module:Class" of the runtime pipeline (no torch)
+    models: str = ""  # the checkpoints it covers, for the README's family table (markdown)
+    components: str = ""  # the graphs its artifact holds, for the README's family table (markdown)
 
     def load_exporter(self):
         return importlib.import_module(self.exporter)
@@ -79,6 +81,8 @@ FAMILIES: dict[str, Family] = {
         matches=_is_vit_gpt2,
         exporter="modelkiln.exporters.vit_gpt2",
         pipeline="modelkiln.runtime.captioning:CaptioningPipeline",
+        models="`VisionEncoderDecoderModel` with ViT + GPT-2 (`nlpconnect/vit-gpt2-image-captioning`)",
+        components="encoder (image → cross-attention K/V), decoder (one step with KV cache)",
     ),
     "blip": Family(
         name="blip",
@@ -87,6 +91,8 @@ FAMILIES: dict[str, Family] = {
         matches=_is_blip,
         exporter="modelkiln.exporters.blip",
         pipeline="modelkiln.runtime.blip:BlipCaptioningPipeline",
+        models="`BlipForConditionalGeneration` (`Salesforce/blip-image-captioning-base`), optional text prompt",
+        components="encoder (image → cross-attention K/V), decoder (BERT-style text decoder, one step with KV cache)",
     ),
     "blip-2": Family(
         name="blip-2",
@@ -95,6 +101,8 @@ FAMILIES: dict[str, Family] = {
         matches=_is_blip_2,
         exporter="modelkiln.exporters.blip_2",
         pipeline="modelkiln.runtime.blip_2:Blip2CaptioningPipeline",
+        models="`Blip2ForConditionalGeneration` with an OPT language model (`Salesforce/blip2-opt-2.7b`); captioning and VQA prompts",
+        components="encoder (image → vision model, Q-Former, projection → query embeddings), decoder (OPT step with KV cache; query embeddings as prefix on the first step, tied embedding stored once)",
     ),
     "sd3": Family(
         name="sd3",
@@ -103,6 +111,8 @@ FAMILIES: dict[str, Family] = {
         matches=_is_pipeline("StableDiffusion3Pipeline"),
         exporter="modelkiln.exporters.sd3",
         pipeline="modelkiln.runtime.sd3:SD3Pipeline",
+        models="`StableDiffusion3Pipeline` (SD3, SD3.5 large / large-turbo / medium with dual attention and qk-norm)",
+        components="text_encoder, text_encoder_2 (CLIP-L/G: pooled + penultimate states), text_encoder_3 (T5, optional), transformer (MMDiT step), vae_decoder",
     ),
     "flux": Family(
         name="flux",
@@ -111,6 +121,8 @@ FAMILIES: dict[str, Family] = {
         matches=_is_pipeline("FluxPipeline"),
         exporter="modelkiln.exporters.flux",
         pipeline="modelkiln.runtime.flux:FluxPipeline",
+        models="`FluxPipeline` (FLUX.1-dev with guidance embedding, FLUX.1-schnell)",
+        components="text_encoder (CLIP-L pooled), text_encoder_2 (T5), transformer (packed latents, image/text ids, guidance), vae_decoder",
     ),
     "stable-diffusion": Family(
         name="stable-diffusion",
@@ -119,6 +131,8 @@ FAMILIES: dict[str, Family] = {
         matches=_is_pipeline("StableDiffusionPipeline"),
         exporter="modelkiln.exporters.stable_diffusion",
         pipeline="modelkiln.runtime.stable_diffusion:StableDiffusionPipeline",
+        models="`StableDiffusionPipeline` (SD 1.x, DreamBooth fine-tunes; `--lora` fuses LoRAs)",
+        components="text_encoder (CLIP), unet, vae_decoder",
     ),
 }
 

@@ -34,6 +34,7 @@ class Scheme:
     choices: dict[str, tuple] = field(default_factory=dict)  # option name -> the values it accepts
     calibrated: bool = False  # apply also takes recorded input feeds (static activation ranges)
     kind: str = "onnx"  # "onnx" rewrites the parent's graphs; "torch" makes a torch artifact (quantize.bnb)
+    notes: str = ""  # when to use it, for the README's scheme table (markdown)
 
     def load_apply(self) -> Callable[..., dict]:
         module, _, name = self.apply.partition(":")
@@ -47,6 +48,7 @@ SCHEMES: dict[str, Scheme] = {
         description="onnxruntime dynamic quantization: int8 per-channel weights, activations quantized per call",
         apply="modelkiln.quantize.onnx_int8:quantize_int8_dynamic",
         options={"per_channel": True, "quantize_embeddings": True},
+        notes="fastest on CPUs without VNNI for decoders",
     ),
     "int4-weight": Scheme(
         name="int4-weight",
@@ -65,6 +67,7 @@ SCHEMES: dict[str, Scheme] = {
         },
         # MatMulNBits takes power-of-two blocks of at least 16 weights.
         choices={"block_size": (16, 32, 64, 128, 256), "algorithm": INT4_ALGORITHMS},
+        notes="`accuracy_level=4` by default: without it int4 is no faster than fp32 on this class of CPU",
     ),
     "int8-static": Scheme(
         name="int8-static",
@@ -73,6 +76,7 @@ SCHEMES: dict[str, Scheme] = {
         apply="modelkiln.quantize.onnx_int8:quantize_int8_static",
         options={"per_channel": True, "symmetric_activations": False},
         calibrated=True,
+        notes="`--calibration-images DIR`; `--option symmetric_activations=true` for TensorRT",
     ),
     "fp16": Scheme(
         name="fp16",
@@ -80,30 +84,34 @@ SCHEMES: dict[str, Scheme] = {
         description="float16 with LayerNorm/Softmax and --exclude nodes kept fp32; fp32 inputs/outputs (GPU format)",
         apply="modelkiln.quantize.onnx_fp16:convert_fp16",
         options={"keep_fp32_ops": True},
+        notes="a GPU format: onnxruntime on CPU runs it slower than fp32",
     ),
     "bnb-int8": Scheme(
         name="bnb-int8",
         precision="int8",
         description="bitsandbytes LLM.int8 (Linear8bitLt): a PyTorch variant run with transformers",
-        apply="modelkiln.quantize.bnb:int8_config",
+        apply="modelkiln.quantize.bnb_common:int8_config",
         options={"llm_int8_threshold": 6.0},
         kind="torch",
+        notes="needs `modelkiln[bnb]`; a PyTorch variant (`save_pretrained`), manifest kind `torch`",
     ),
     "bnb-nf4": Scheme(
         name="bnb-nf4",
         precision="nf4",
         description="bitsandbytes 4-bit NormalFloat (Linear4bit): a PyTorch variant run with transformers",
-        apply="modelkiln.quantize.bnb:nf4_config",
+        apply="modelkiln.quantize.bnb_common:nf4_config",
         options={"double_quant": False},
         kind="torch",
+        notes="needs `modelkiln[bnb]`; layers too narrow for bitsandbytes' 4-bit CPU packing stay fp32",
     ),
     "bnb-fp4": Scheme(
         name="bnb-fp4",
         precision="fp4",
         description="bitsandbytes 4-bit float (Linear4bit): a PyTorch variant run with transformers",
-        apply="modelkiln.quantize.bnb:fp4_config",
+        apply="modelkiln.quantize.bnb_common:fp4_config",
         options={"double_quant": False},
         kind="torch",
+        notes="needs `modelkiln[bnb]`; layers too narrow for bitsandbytes' 4-bit CPU packing stay fp32",
     ),
 }
 
