@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelkiln.errors import KilnError
-from modelkiln.manifest import MANIFEST_NAME, Manifest, artifact_hash, read_manifest, require_intact
+from modelkiln.manifest import MANIFEST_NAME, Manifest, artifact_hash
 
 from .schemes import get_scheme
-from .variant import relative_parent
+from .variant import read_onnx_parent, relative_parent
 
 # Module classes bitsandbytes puts in place of nn.Linear; counted into the manifest.
 QUANTIZED_MODULES = ("Linear8bitLt", "Linear4bit")
@@ -60,14 +59,11 @@ def resolve_bnb_source(given: str | os.PathLike) -> BnbSource:
     path = Path(given)
     if not (path / MANIFEST_NAME).is_file():
         return BnbSource(str(given), None, None)
-    parent_dir = path.absolute()
-    manifest = read_manifest(parent_dir)
-    if manifest.kind != "onnx":
-        raise KilnError(
-            f"{parent_dir} is already a {manifest.kind} variant ({manifest.precision}). Pass its ONNX "
-            f"parent or the original model ({manifest.source.model})."
-        )
-    require_intact(parent_dir, manifest)
+    refusal = (
+        "{path} is already a {kind} variant ({precision}). Pass its ONNX parent or the original model "
+        "({source})."
+    )
+    parent_dir, manifest = read_onnx_parent(path, refusal)
     return BnbSource(manifest.source.model, parent_dir, manifest)
 
 

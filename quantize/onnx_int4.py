@@ -28,15 +28,11 @@ def _algo_config(options: dict):
     return nbits.RTNWeightOnlyQuantConfig()
 
 
+@quiet_quantizer_logs()  # a context manager, used as a decorator: the whole call is quiet
 def quantize_int4_weight(
     model: onnx.ModelProto, out_path: Path, options: dict, exclude: list[str], external_data: bool
 ) -> dict:
     """Replace every constant-weight MatMul not excluded by MatMulNBits; return the node count."""
-    with quiet_quantizer_logs():
-        return _quantize(model, out_path, options, exclude, external_data)
-
-
-def _quantize(model: onnx.ModelProto, out_path: Path, options: dict, exclude: list[str], external_data: bool):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     embeddings = [name for name in embedding_gathers(model) if name not in exclude]

@@ -17,15 +17,11 @@ import onnx
 from .graph_prep import count_ops, embedding_gathers, quiet_quantizer_logs, weight_matmuls
 
 
+@quiet_quantizer_logs()  # a context manager, used as a decorator: the whole call is quiet
 def quantize_int8_dynamic(
     model: onnx.ModelProto, out_path: Path, options: dict, exclude: list[str], external_data: bool
 ) -> dict:
     """Quantize every constant-weight MatMul not excluded; return the quantized node count."""
-    with quiet_quantizer_logs():
-        return _quantize(model, out_path, options, exclude, external_data)
-
-
-def _quantize(model: onnx.ModelProto, out_path: Path, options: dict, exclude: list[str], external_data: bool):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Only weight matmuls: attention's activation x activation MatMuls would lose accuracy for no

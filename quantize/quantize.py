@@ -21,8 +21,6 @@ from modelkiln.errors import KilnError
 from modelkiln.manifest import (
     Manifest,
     artifact_hash,
-    read_manifest,
-    require_intact,
 )
 from modelkiln.registry import get_family
 
@@ -30,7 +28,7 @@ from .bnb import make_bnb_artifact
 from .calibration import record_calibration
 from .graph_prep import excluded_nodes, load_graph, prepare_weight_matmuls
 from .schemes import get_scheme, resolve_options
-from .variant import QuantizeConfig, measure_quality, record_quality, relative_parent
+from .variant import QuantizeConfig, measure_quality, read_onnx_parent, record_quality, relative_parent
 
 
 def _components(manifest: Manifest, config: QuantizeConfig) -> tuple[str, ...]:
@@ -97,14 +95,11 @@ def quantize_artifact(
         # bitsandbytes quantizes the PyTorch source model, not the graphs: a separate path.
         return make_bnb_artifact(parent_dir, out, config.scheme, config, log=log)
     # 1. Check the parent and the request before any work.
-    parent = Path(parent_dir).absolute()
-    manifest = read_manifest(parent)
-    if manifest.kind != "onnx":
-        raise KilnError(
-            f"{parent} is a {manifest.kind} artifact; scheme {config.scheme} quantizes ONNX graphs. "
-            f"Pass its ONNX parent or export {manifest.source.model} first."
-        )
-    require_intact(parent, manifest)
+    refusal = (
+        f"{{path}} is a {{kind}} artifact; scheme {config.scheme} quantizes ONNX graphs. "
+        "Pass its ONNX parent or export {source} first."
+    )
+    parent, manifest = read_onnx_parent(parent_dir, refusal)
     options = resolve_options(get_scheme(config.scheme), config.options)
     components = _components(manifest, config)
     with staged_artifact(out, overwrite=config.overwrite) as staging:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.errors import KilnError, ValidationFailedError
-from modelkiln.manifest import Manifest, write_manifest
+from modelkiln.manifest import Manifest, read_manifest, require_intact, write_manifest
 
 from .quality import QUALITY
 
@@ -127,3 +127,15 @@ def record_quality(staging: Path, variant: Manifest, quality: dict, config: Quan
     if failures:
         raise ValidationFailedError(f"quality gate failed for {config.scheme}: {'; '.join(failures)}.")
     return variant
+
+
+def read_onnx_parent(directory: str | os.PathLike, refusal: str) -> tuple[Path, Manifest]:
+    """The intact ONNX artifact a variant is made from. A torch (bitsandbytes) variant is refused with
+    ``refusal``, formatted with ``path``, ``kind``, ``precision`` and ``source`` (its source model)."""
+    parent = Path(directory).absolute()
+    manifest = read_manifest(parent)
+    if manifest.kind != "onnx":
+        fields = {"path": parent, "kind": manifest.kind, "precision": manifest.precision}
+        raise KilnError(refusal.format(**fields, source=manifest.source.model))
+    require_intact(parent, manifest)
+    return parent, manifest
