@@ -177,7 +177,7 @@ def _print_validation(report: dict) -> None:
 
 
 def _validate_diffusion(args: argparse.Namespace) -> dict:
-    from modelkiln.validate_diffusion import DiffusionValidateConfig, validate_diffusion
+    from modelkiln.validation import DiffusionValidateConfig, validate_diffusion
 
     options = {
         "prompts": tuple(args.prompt) or None,
@@ -231,7 +231,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _validate_captioner(args: argparse.Namespace) -> dict:
-    from modelkiln.validate import ValidateConfig, validate_artifact
+    from modelkiln.validation import ValidateConfig, validate_artifact
 
     config = ValidateConfig(
         **({} if args.atol is None else {"atol": args.atol}),

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from modelkiln.exporters.export import ExportConfig, export_model
 from modelkiln.fixtures import CAPTIONER_DIR, shapes
-from modelkiln.validate import ValidateConfig, validate_artifact
+from modelkiln.validation import ValidateConfig, validate_artifact
 
 DEMO_SEEDS = 50_000  # first seed of the drawn demo images, away from the training seeds
 

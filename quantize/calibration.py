@@ -62,7 +62,7 @@ def _images(folder: str | None, count: int) -> tuple[list, str]:
         return [shapes.draw(CALIBRATION_SEEDS + i)[0] for i in range(count)], (
             f"{count} drawn fixture images (seeds {CALIBRATION_SEEDS}+)"
         )
-    from modelkiln.validate import ValidateConfig, validation_images
+    from modelkiln.validation import ValidateConfig, validation_images
 
     files, description = validation_images(ValidateConfig(images=folder))
     return files[:count], description

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("modelkiln",)),
     ("runtime", ("modelkiln.runtime",)),
     ("exporters", ("modelkiln.exporters",)),
-    ("validation", ("modelkiln.validate", "modelkiln.validate_diffusion")),
+    ("validation", ("modelkiln.validation",)),
     ("quantize", ("modelkiln.quantize",)),
     ("benchmarks", ("modelkiln.benchmarks",)),
     (

@@ -20,9 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from modelkiln import runtime
 from modelkiln.errors import ImageInputError
+from modelkiln.exporters.source import resolve_source
+from modelkiln.fixtures import shapes
 from modelkiln.manifest import read_manifest, write_manifest
 from modelkiln.registry import get_family
+from modelkiln.runtime.images import load_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -46,8 +50,6 @@ class ValidateConfig:
 def validation_images(config: ValidateConfig) -> tuple[list, str]:
     """The images to validate on, and a description for the report."""
     if config.images is None:
-        from modelkiln.fixtures import shapes
-
         return [shapes.draw(seed)[0] for seed in range(90_000, 90_000 + config.num_images)], (
             f"{config.num_images} drawn fixture images (seeds 90000+)"
         )
@@ -80,6 +82,7 @@ def _compare(session, outputs: list[str], inputs: dict, expected, config: Valida
 
 def compare_components(pipe, exporter, model, pixel_values, config: ValidateConfig) -> dict[str, Any]:
     """Max abs diff per component and case (e.g. decoder first step, later step)."""
+    # torch here, not at the top: quantize's calibration reads validation_images without loading it.
     import torch
 
     # Families draw some inputs at random (a later decode step's token ids, a KV cache); a fixed seed
@@ -141,11 +144,7 @@ def validate_artifact(
     artifact_dir: str | os.PathLike, model: str, config: ValidateConfig = ValidateConfig()
 ) -> dict:
     """Compare an artifact with its PyTorch source; return (and record) the report."""
-    import torch
-
-    from modelkiln import runtime
-    from modelkiln.exporters.source import resolve_source
-    from modelkiln.runtime.images import load_images
+    import torch  # here, not at the top: see compare_components
 
     # 1. Load both sides: the artifact through the runtime, the source through the family exporter.
     manifest = read_manifest(artifact_dir)

@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from modelkiln import runtime
+from modelkiln.exporters.source import resolve_source
 from modelkiln.manifest import Manifest, read_manifest, write_manifest
-from modelkiln.metrics import image_metrics, psnr  # noqa: F401 (psnr: used by the family tests)
+from modelkiln.metrics import image_metrics
 from modelkiln.registry import get_family
 
 
@@ -49,6 +51,8 @@ class DiffusionValidateConfig:
 
 def reference_pipeline(manifest: Manifest, source):
     """The diffusers pipeline in fp32, with the artifact's LoRAs loaded (not fused) at their scales."""
+    # Here, not at the top: diffusers and torch take seconds to load, and `modelkiln.validation` is
+    # also read (for validation_images) by quantize's calibration, which needs neither.
     import diffusers
     import torch
 
@@ -113,7 +117,7 @@ def _compare_outputs(session, feeds: dict, expected, config: DiffusionValidateCo
 
 def compare_components(pipe, exporter, models, config: DiffusionValidateConfig) -> dict[str, Any]:
     """Each graph vs its PyTorch wrapper on the feeds the artifact's run recorded; one module at a time."""
-    import torch
+    import torch  # here, not at the top: see reference_pipeline
 
     results = {}
     for component in exporter.build_components(models):
@@ -132,9 +136,7 @@ def validate_diffusion(
     artifact_dir: str | os.PathLike, model: str, config: DiffusionValidateConfig = DiffusionValidateConfig()
 ) -> dict:
     """Compare a text-to-image artifact with its diffusers source; return (and record) the report."""
-    from modelkiln import runtime
-    from modelkiln.exporters.diffusion import Lora
-    from modelkiln.exporters.source import resolve_source
+    from modelkiln.exporters.diffusion import Lora  # imports torch: here, see reference_pipeline
 
     # 1. Load the artifact and record the feeds of its first run of every graph.
     manifest = read_manifest(artifact_dir)

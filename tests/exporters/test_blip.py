@@ -16,7 +16,7 @@ from modelkiln import runtime
 from modelkiln.exporters.export import export_model
 from modelkiln.manifest import read_manifest
 from modelkiln.registry import detect_family
-from modelkiln.validate import ValidateConfig, validate_artifact
+from modelkiln.validation import ValidateConfig, validate_artifact
 
 SEP = 3  # the tiny tokenizer's [SEP]: BLIP's generate stops on it
 PROMPT = "a photography of"

@@ -18,7 +18,7 @@ from modelkiln.errors import UnsupportedModelError
 from modelkiln.exporters.export import ExportConfig, export_model
 from modelkiln.manifest import read_manifest
 from modelkiln.registry import detect_family
-from modelkiln.validate import ValidateConfig, validate_artifact
+from modelkiln.validation import ValidateConfig, validate_artifact
 
 VQA_PROMPT = "Question: what is it? Answer:"
 EOS = 2

@@ -16,7 +16,7 @@ from modelkiln import runtime
 from modelkiln.errors import SourceModelError
 from modelkiln.exporters.export import export_model
 from modelkiln.exporters.source import resolve_source, save_image_processor_config
-from modelkiln.validate import ValidateConfig, validate_artifact
+from modelkiln.validation import ValidateConfig, validate_artifact
 
 # A prompt each family's tiny tokenizer knows: BLIP's conditional captioning and BLIP-2's VQA.
 PROMPTS = {"vit-gpt2": None, "blip": "a photography of", "blip-2": "Question: what is it? Answer:"}

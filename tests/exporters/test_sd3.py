@@ -18,7 +18,7 @@ from modelkiln.errors import GenerationConfigError, NonFiniteOutputError, Source
 from modelkiln.exporters.export import ExportConfig, export_model
 from modelkiln.fixtures.tiny_diffusion import build_pipeline, save_tiny_lora
 from modelkiln.manifest import read_manifest
-from modelkiln.validate_diffusion import psnr
+from modelkiln.metrics import psnr
 
 LENGTH = 24  # T5 tokens: short, and not the export default, to prove the option is honoured
 

@@ -30,7 +30,7 @@ from modelkiln.exporters.source import resolve_source
 from modelkiln.fixtures import CAPTIONER_DIR
 from modelkiln.fixtures.tiny_diffusion import save_tiny_lora
 from modelkiln.manifest import read_manifest, sha256_file
-from modelkiln.validate_diffusion import psnr
+from modelkiln.metrics import psnr
 
 PROMPTS = ["a red cat", "a dog"]
 MIN_PSNR = 40.0  # dB between our images and diffusers' on the same latents or seed

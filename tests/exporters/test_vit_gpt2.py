@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor, VisionEncoderDecoderModel
 
 from modelkiln import runtime
 from modelkiln.manifest import read_manifest, verify_files
-from modelkiln.validate import ValidateConfig, validate_artifact
+from modelkiln.validation import ValidateConfig, validate_artifact
 
 
 def mixed_images():

@@ -22,7 +22,7 @@ from modelkiln.cli import main
 from modelkiln.errors import GenerationConfigError
 from modelkiln.exporters.export import export_model
 from modelkiln.fixtures.tiny_diffusion import build_pipeline
-from modelkiln.validate_diffusion import psnr
+from modelkiln.metrics import psnr
 
 STEPS = 2
 MIN_PSNR = 40.0
