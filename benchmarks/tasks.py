@@ -23,12 +23,11 @@ from rich.markup import escape
 
 from modelkiln.errors import KilnError, ValidationFailedError
 from modelkiln.exporters.source import resolve_source
-from modelkiln.registry import detect_family, get_family
+from modelkiln.registry import bench_families, detect_family, get_family
 
 from .captioning import harness as captioning
 from .core.config import BenchConfig, TaskOptions
 from .text_to_image import harness as text_to_image
-from .text_to_image.presets import DIFFUSION_FAMILIES
 
 Log = Callable[[str], None]
 
@@ -74,12 +73,14 @@ def bench_task(args: argparse.Namespace) -> str:
         family = detect_family(resolve_source(args.model, allow_pickle=True).config, args.model)
     else:
         return "image-to-text"
-    if family.task == "text-to-image" and family.name not in DIFFUSION_FAMILIES:
+    if family.bench is None:
+        # The family's task has a benchmark, but it does not run this family's sources yet.
         raise KilnError(
-            f"--family {family.name}: the text-to-image benchmark runs {', '.join(DIFFUSION_FAMILIES)} so far. "
+            f"--family {family.name}: the {family.task} benchmark runs "
+            f"{', '.join(bench_families(family.task))} so far. "
             "Time this family's artifacts with kiln generate, or bench an sd3 pipeline."
         )
-    return family.task
+    return family.bench.task
 
 
 def _names(text: str | None) -> tuple[str, ...]:

@@ -25,7 +25,6 @@ from torch import nn
 from modelkiln.errors import SourceModelError
 from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
-    CAPTIONER_RECIPE,
     CacheShape,
     cache_names,
     cross_attention_components,
@@ -36,8 +35,6 @@ from modelkiln.exporters.decoding import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
-
-TASK = "image-to-text"
 
 
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
@@ -250,9 +247,6 @@ def torch_captions(
         sequences = model.generate(pixel_values=pixel_values, **inputs, **generation)
     return [[int(t) for t in row[prompt_length:]] for row in sequences]
 
-
-# BLIP's ViT and text decoder are both weight-matmul graphs, as in ViT-GPT2: every scheme takes both.
-QUANTIZE_RECIPES = CAPTIONER_RECIPE
 
 # The validator runs PyTorch on images prepared by the model's own processor, alike for every family.
 reference_processor = decoding.reference_processor

@@ -28,7 +28,6 @@ from torch import nn
 from modelkiln.errors import UnsupportedModelError
 from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
-    CAPTIONER_RECIPE,
     cache_axes,
     cache_names,
     load_captioner,
@@ -38,8 +37,6 @@ from modelkiln.exporters.decoding import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
-
-TASK = "image-to-text"
 
 
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
@@ -300,10 +297,6 @@ def torch_captions(
     # transformers returns the prompt followed by the new tokens.
     return [[int(t) for t in row[input_ids.shape[1] :]] for row in sequences]
 
-
-# The OPT decoder holds most of BLIP-2's weights and is bandwidth-bound per token; the vision graph
-# (ViT-g, Q-Former) is compute-bound. Every scheme takes both: int4 on the vision graph saves bytes.
-QUANTIZE_RECIPES = CAPTIONER_RECIPE
 
 # The validator runs PyTorch on images prepared by the model's own processor, alike for every family.
 reference_processor = decoding.reference_processor

@@ -145,13 +145,6 @@ def save_text_files(source: Source, directory: Path, fallback_config) -> None:
     generation.save_pretrained(directory)
 
 
-# Default quantization recipe of the encoder + cached-decoder captioners: every ONNX scheme takes both
-# graphs (`kiln quantize --components` overrides). Each family file says why that suits it.
-CAPTIONER_RECIPE: dict[str, tuple[str, ...]] = {
-    scheme: ("encoder", "decoder") for scheme in ("int8-dynamic", "int8-static", "int4-weight", "fp16")
-}
-
-
 def reference_processor(source: Source):
     """The model's own image processor, to preprocess validation images on the PyTorch side."""
     from transformers import AutoImageProcessor

@@ -22,6 +22,7 @@ from modelkiln.manifest import Manifest, SourceSpec
 from modelkiln.registry import FAMILIES, Family, detect_family, get_family
 
 from .onnx_export import export_component
+from .protocol import FamilyExporter
 from .source import Source, refuse_bitsandbytes, resolve_source
 
 
@@ -76,15 +77,14 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def _check_options(config: ExportConfig, family: str, exporter) -> dict:
-    """Family options the user set; an option the family does not take is an error, never ignored."""
+def _check_options(config: ExportConfig, family: Family) -> dict:
+    """Family options the user set; an option the family does not declare is an error, never ignored."""
     options = config.family_options()
-    accepted = getattr(exporter, "EXPORT_OPTIONS", ())
     for name in options:
-        if name not in accepted:
+        if name not in family.export_options:
             flag = "--" + name.replace("_", "-")
             raise KilnError(
-                f"{flag} does not apply to family {family!r}; it applies to the diffusion families "
+                f"{flag} does not apply to family {family.name!r}; it applies to the diffusion families "
                 f"({', '.join(f.name for f in FAMILIES.values() if f.task == 'text-to-image')}). Drop {flag}."
             )
     if "lora" in options:
@@ -128,8 +128,8 @@ def export_model(
     source = resolve_source(str(model), allow_pickle=config.allow_pickle)
     refuse_bitsandbytes(source)
     family = _resolve_family(config, source, str(model))
-    exporter = family.load_exporter()
-    options = _check_options(config, family.name, exporter)
+    exporter: FamilyExporter = family.load_exporter()
+    options = _check_options(config, family)
     with staged_artifact(out, overwrite=config.overwrite) as staging:
         # 2. Load the PyTorch model once; every component wraps the same weights.
         log(f"loading {model} as family {family.name}")

@@ -31,13 +31,16 @@ from modelkiln.exporters.diffusion import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
+from modelkiln.registry import get_family
 
 PIPELINE = PipelineSpec(
     pipeline_class="FluxPipeline",
     denoiser="transformer",
     lora_targets=("transformer", "text_encoder"),  # what diffusers' FluxLoraLoaderMixin loads into
 )
-EXPORT_OPTIONS = ("lora", "max_sequence_length")  # ExportConfig fields this family accepts
+# The registry declares the family's export options; modelkiln/validation/text_to_image.py still reads
+# them here (delete this line once it reads get_family(...).export_options).
+EXPORT_OPTIONS = get_family("flux").export_options
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # diffusers' default (and largest) T5 length for Flux
 
 
@@ -157,19 +160,3 @@ def runtime_config(models: PipelineModels) -> dict[str, Any]:
 
 def save_runtime_files(source: Source, models: PipelineModels, directory: Path) -> None:
     save_pipeline_files(source, directory)
-
-
-# Kept fp32 inside a quantized transformer: the embedders of latents, text, timestep and guidance set
-# what every block reads, and the final norm and projection write the output directly.
-QUANTIZE_EXCLUDE: dict[str, tuple[str, ...]] = {
-    "transformer": ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "*proj_out*"),
-}
-
-# Default quantization recipe: the transformer is where the time goes; text encoders take weight-only
-# schemes; the VAE decoder stays fp32 (its convolutions are sensitive and a small share of the time).
-QUANTIZE_RECIPES: dict[str, tuple[str, ...]] = {
-    "int8-dynamic": ("transformer",),
-    "int8-static": ("transformer",),
-    "int4-weight": ("text_encoder", "text_encoder_2", "transformer"),
-    "fp16": ("text_encoder", "text_encoder_2", "transformer"),
-}

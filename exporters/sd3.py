@@ -32,6 +32,7 @@ from modelkiln.exporters.diffusion import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
+from modelkiln.registry import get_family
 
 PIPELINE = PipelineSpec(
     pipeline_class="StableDiffusion3Pipeline",
@@ -39,7 +40,9 @@ PIPELINE = PipelineSpec(
     lora_targets=("transformer", "text_encoder", "text_encoder_2"),
     optional=("text_encoder_3", "tokenizer_3"),
 )
-EXPORT_OPTIONS = ("lora", "max_sequence_length", "without")  # ExportConfig fields this family accepts
+# The registry declares the family's export options; modelkiln/validation/text_to_image.py still reads
+# them here (delete this line once it reads get_family(...).export_options).
+EXPORT_OPTIONS = get_family("sd3").export_options
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # diffusers' default T5 length for SD3
 
 
@@ -163,20 +166,3 @@ def runtime_config(models: PipelineModels) -> dict[str, Any]:
 
 def save_runtime_files(source: Source, models: PipelineModels, directory: Path) -> None:
     save_pipeline_files(source, directory, models.without)
-
-
-# Kept fp32 inside a quantized transformer: the timestep/text embedders and the context embedder set
-# the conditioning every block reads, and the final norm and projection write the output directly;
-# together they are under 3% of SD3.5-Medium's weights.
-QUANTIZE_EXCLUDE: dict[str, tuple[str, ...]] = {
-    "transformer": ("*time_text_embed*", "*context_embedder*", "*pos_embed*", "*norm_out*", "*proj_out*"),
-}
-
-# Default quantization recipe: the transformer is where the time goes; text encoders take weight-only
-# schemes; the VAE decoder stays fp32 (its convolutions are sensitive and a small share of the time).
-QUANTIZE_RECIPES: dict[str, tuple[str, ...]] = {
-    "int8-dynamic": ("transformer",),
-    "int8-static": ("transformer",),
-    "int4-weight": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"),
-    "fp16": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"),
-}

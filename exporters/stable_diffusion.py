@@ -35,11 +35,14 @@ from modelkiln.exporters.diffusion import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
+from modelkiln.registry import get_family
 
 PIPELINE = PipelineSpec(
     pipeline_class="StableDiffusionPipeline", denoiser="unet", lora_targets=("unet", "text_encoder")
 )
-EXPORT_OPTIONS = ("lora",)  # ExportConfig fields this family accepts
+# The registry declares the family's export options; modelkiln/validation/text_to_image.py still reads
+# them here (delete this line once it reads get_family(...).export_options).
+EXPORT_OPTIONS = get_family("stable-diffusion").export_options
 SD_IMAGE_SIZE_MULTIPLE = 8  # StableDiffusionPipeline.check_inputs: height and width divisible by 8
 
 
@@ -155,16 +158,3 @@ def runtime_config(models: PipelineModels) -> dict[str, Any]:
 
 def save_runtime_files(source: Source, models: PipelineModels, directory: Path) -> None:
     save_pipeline_files(source, directory)
-
-
-# Kept fp32 inside a quantized UNet: the timestep embedding MLP conditions every ResNet block.
-QUANTIZE_EXCLUDE: dict[str, tuple[str, ...]] = {"unet": ("*time_embedding*",)}
-
-# Default quantization recipe: the UNet is where the time goes; the text encoder takes weight-only
-# schemes; the VAE decoder stays fp32 (its convolutions are sensitive and a small share of the time).
-QUANTIZE_RECIPES: dict[str, tuple[str, ...]] = {
-    "int8-dynamic": ("unet",),
-    "int8-static": ("unet",),
-    "int4-weight": ("text_encoder",),
-    "fp16": ("text_encoder", "unet"),
-}

@@ -19,7 +19,6 @@ from torch import nn
 
 from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
-    CAPTIONER_RECIPE,
     CacheShape,
     cache_names,
     cross_attention_components,
@@ -30,8 +29,6 @@ from modelkiln.exporters.decoding import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
-
-TASK = "image-to-text"
 
 
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
@@ -206,12 +203,6 @@ def torch_captions(
         sequences = model.generate(pixel_values=pixel_values, **generation)
     return [[int(t) for t in row[1:]] for row in sequences]
 
-
-# Components each quantization scheme touches by default (`kiln quantize --components` overrides).
-# Both graphs are mostly weight matmuls: the encoder is compute-bound (int8 GEMM is ~2x fp32 here) and
-# the decoder is bandwidth-bound per token (fewer weight bytes per step), so both gain from every scheme;
-# int4 on the encoder saves bytes (the size target) rather than time.
-QUANTIZE_RECIPES = CAPTIONER_RECIPE
 
 # The validator runs PyTorch on images prepared by the model's own processor, alike for every family.
 reference_processor = decoding.reference_processor

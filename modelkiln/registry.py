@@ -1,21 +1,32 @@
-"""The family registry: which model families modelkiln exports, and how each is detected and run.
+"""The family registry: one declaration per model family, read by everything that handles a family.
 
-``FAMILIES`` is a plain dict from family name to ``Family``. Exporter and runtime are named by import
-path and loaded lazily, so running an artifact never imports the exporters (and with them, torch)::
+``FAMILIES`` is a plain dict from family name to ``Family``, which declares how a family is detected,
+exported, run (ONNX and torch), quantized and benchmarked. This module is the base layer: code of the
+layers above (exporters, runtimes, benchmarks) is named by "module:attr" import path and loaded lazily,
+so running an artifact never imports the exporters (and with them, torch)::
 
     family = get_family("vit-gpt2")
     family = detect_family(config_dict)            # from a model's config.json
-    exporter = family.load_exporter()              # module with COMPONENTS, build_components(), ...
+    exporter = family.load_exporter()              # an exporters.protocol.FamilyExporter module
+    family.quantize_recipes["int8-dynamic"]        # the graphs a scheme quantizes by default
+
+Adding a family is one ``Family`` entry below plus the files it names (exporter, runtime pipeline).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from modelkiln.errors import UnsupportedModelError
+
+
+def load_attr(path: str) -> Any:
+    """The object a "module:attr" import path names, imported now (the registry itself imports nothing)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _sub_type(config: dict[str, Any], key: str) -> str | None:
@@ -53,24 +64,86 @@ def _is_pipeline(class_name: str) -> Callable[[dict[str, Any]], bool]:
 
 
 @dataclass(frozen=True)
+class TorchCaptioner:
+    """How a captioner's save_pretrained checkpoint runs in transformers (bitsandbytes variants)."""
+
+    model_class: str  # transformers class that loads the checkpoint (bnb quantizes while loading)
+    # "module:function" (ids, mask, manifest) -> generate's prompt arguments: each family's generate
+    # takes the prompt ids under its own names and framing.
+    prompt_inputs: str
+    # generate arguments the family's own generate sets itself: passing them again is an error there.
+    set_by_model: tuple[str, ...] = ()
+    # "module:function" family name -> the torch pipeline class; imports torch, so only torch artifacts call it.
+    runtime: str = "modelkiln.runtime.torch_captioning:torch_pipeline_class"
+
+
+@dataclass(frozen=True)
+class TorchDiffusion:
+    """How a diffusion family's pipeline directory loads and runs in diffusers (bitsandbytes variants)."""
+
+    pipeline_class: str  # diffusers pipeline class, as the directory's model_index.json names it
+    denoiser: str  # component holding the denoising network (the default to quantize)
+    text_encoders: tuple[str, ...]  # text encoder components, which may be quantized as well
+    # Components loaded as None: the ONNX runtime runs without them too (IP-Adapter image encoders,
+    # SD 1.x's safety checker), so both runtimes make the same image from the same latents.
+    dropped: tuple[str, ...] = ()
+    # "module:function" family name -> the torch pipeline class; imports torch, so only torch artifacts call it.
+    runtime: str = "modelkiln.runtime.torch_diffusion:torch_pipeline_class"
+
+
+@dataclass(frozen=True)
+class BenchSupport:
+    """How `kiln bench` benchmarks a family; a family without one is refused by name."""
+
+    task: str  # key of benchmarks.tasks.BENCH_TASKS: the benchmark that runs this family's sources
+    presets: tuple[str, ...] = ()  # --preset names that build a random-weight source of this family
+    # "module:function" counting the FLOPs of one denoiser call, for the roofline row; "" gives no row.
+    step_flops: str = ""
+
+
+@dataclass(frozen=True)
 class Family:
-    """One exportable model family."""
+    """One exportable model family: everything the other layers need to know about it."""
 
     name: str  # registry key, also written into the manifest
     description: str  # one line for `kiln families` and error messages
     task: str  # runtime task the artifact serves
     matches: Callable[[dict[str, Any]], bool]  # True when a config.json dict belongs to this family
-    exporter: str  # module path of the exporter (imports torch)
+    exporter: str  # module path of the exporter, an exporters.protocol.FamilyExporter (imports torch)
     pipeline: str  # "module:Class" of the runtime pipeline (no torch)
     models: str = ""  # the checkpoints it covers, for the README's family table (markdown)
     components: str = ""  # the graphs its artifact holds, for the README's family table (markdown)
+    # ExportConfig fields beyond the common ones that this family's load_model accepts; any other set
+    # option is an error at export, never silently ignored.
+    export_options: tuple[str, ...] = ()
+    # Scheme -> the graphs it quantizes by default (`kiln quantize --components` overrides); a scheme
+    # without an entry quantizes every graph of the artifact.
+    quantize_recipes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Graph (or torch component) -> fnmatch patterns of node/module names kept fp32 when it is quantized.
+    quantize_exclude: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The PyTorch side of torch (bitsandbytes) artifacts; None: only ONNX schemes apply to this family.
+    torch_runtime: TorchCaptioner | TorchDiffusion | None = None
+    bench: BenchSupport | None = None  # None: `kiln bench` refuses this family
 
     def load_exporter(self):
         return importlib.import_module(self.exporter)
 
     def load_pipeline_class(self):
-        module, _, name = self.pipeline.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return load_attr(self.pipeline)
+
+
+# Default recipe of the encoder + cached-decoder captioners: every ONNX scheme takes both graphs.
+# ViT-GPT2 and BLIP: both graphs are mostly weight matmuls; the encoder is compute-bound (int8 GEMM is
+# ~2x fp32 here) and the decoder bandwidth-bound per token (fewer weight bytes per step), so both gain
+# from every scheme; int4 on the encoder saves bytes (the size target) rather than time. BLIP-2: the OPT
+# decoder holds most of the weights and is bandwidth-bound per token; the vision graph (ViT-g,
+# Q-Former) is compute-bound; int4 on it saves bytes.
+_CAPTIONER_RECIPE: dict[str, tuple[str, ...]] = {
+    scheme: ("encoder", "decoder") for scheme in ("int8-dynamic", "int8-static", "int4-weight", "fp16")
+}
+# The captioner benchmark runs any captioner's --model; only ViT-GPT2 has presets (random-weight sources).
+_CAPTIONER_BENCH = BenchSupport(task="image-to-text")
+_TORCH_CAPTIONING = "modelkiln.runtime.torch_captioning"  # where the captioners' prompt_inputs live
 
 
 FAMILIES: dict[str, Family] = {
@@ -83,6 +156,9 @@ FAMILIES: dict[str, Family] = {
         pipeline="modelkiln.runtime.captioning:CaptioningPipeline",
         models="`VisionEncoderDecoderModel` with ViT + GPT-2 (`nlpconnect/vit-gpt2-image-captioning`)",
         components="encoder (image → cross-attention K/V), decoder (one step with KV cache)",
+        quantize_recipes=_CAPTIONER_RECIPE,
+        torch_runtime=TorchCaptioner("VisionEncoderDecoderModel", f"{_TORCH_CAPTIONING}:decoder_inputs"),
+        bench=BenchSupport(task="image-to-text", presets=("tiny", "full")),
     ),
     "blip": Family(
         name="blip",
@@ -93,6 +169,14 @@ FAMILIES: dict[str, Family] = {
         pipeline="modelkiln.runtime.blip:BlipCaptioningPipeline",
         models="`BlipForConditionalGeneration` (`Salesforce/blip-image-captioning-base`), optional text prompt",
         components="encoder (image → cross-attention K/V), decoder (BERT-style text decoder, one step with KV cache)",
+        quantize_recipes=_CAPTIONER_RECIPE,
+        # BLIP's generate passes [SEP] as EOS and its own pad id.
+        torch_runtime=TorchCaptioner(
+            "BlipForConditionalGeneration",
+            f"{_TORCH_CAPTIONING}:blip_inputs",
+            set_by_model=("eos_token_id", "pad_token_id"),
+        ),
+        bench=_CAPTIONER_BENCH,
     ),
     "blip-2": Family(
         name="blip-2",
@@ -103,6 +187,9 @@ FAMILIES: dict[str, Family] = {
         pipeline="modelkiln.runtime.blip_2:Blip2CaptioningPipeline",
         models="`Blip2ForConditionalGeneration` with an OPT language model (`Salesforce/blip2-opt-2.7b`); captioning and VQA prompts",
         components="encoder (image → vision model, Q-Former, projection → query embeddings), decoder (OPT step with KV cache; query embeddings as prefix on the first step, tied embedding stored once)",
+        quantize_recipes=_CAPTIONER_RECIPE,
+        torch_runtime=TorchCaptioner("Blip2ForConditionalGeneration", f"{_TORCH_CAPTIONING}:text_inputs"),
+        bench=_CAPTIONER_BENCH,
     ),
     "sd3": Family(
         name="sd3",
@@ -113,6 +200,37 @@ FAMILIES: dict[str, Family] = {
         pipeline="modelkiln.runtime.sd3:SD3Pipeline",
         models="`StableDiffusion3Pipeline` (SD3, SD3.5 large / large-turbo / medium with dual attention and qk-norm)",
         components="text_encoder, text_encoder_2 (CLIP-L/G: pooled + penultimate states), text_encoder_3 (T5, optional), transformer (MMDiT step), vae_decoder",
+        export_options=("lora", "max_sequence_length", "without"),
+        # The transformer is where the time goes; text encoders take weight-only schemes; the VAE decoder
+        # stays fp32 (its convolutions are sensitive and a small share of the time).
+        quantize_recipes={
+            "int8-dynamic": ("transformer",),
+            "int8-static": ("transformer",),
+            "int4-weight": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"),
+            "fp16": ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"),
+        },
+        # The timestep/text embedders and the context embedder set the conditioning every block reads,
+        # and the final norm and projection write the output directly: under 3% of SD3.5-Medium's weights.
+        quantize_exclude={
+            "transformer": (
+                "*time_text_embed*",
+                "*context_embedder*",
+                "*pos_embed*",
+                "*norm_out*",
+                "*proj_out*",
+            ),
+        },
+        torch_runtime=TorchDiffusion(
+            "StableDiffusion3Pipeline",
+            "transformer",
+            ("text_encoder", "text_encoder_2", "text_encoder_3"),
+            dropped=("image_encoder", "feature_extractor"),
+        ),
+        bench=BenchSupport(
+            task="text-to-image",
+            presets=("tiny", "full"),
+            step_flops="modelkiln.benchmarks.text_to_image.roofline:sd3_step_flops",
+        ),
     ),
     "flux": Family(
         name="flux",
@@ -123,6 +241,31 @@ FAMILIES: dict[str, Family] = {
         pipeline="modelkiln.runtime.flux:FluxPipeline",
         models="`FluxPipeline` (FLUX.1-dev with guidance embedding, FLUX.1-schnell)",
         components="text_encoder (CLIP-L pooled), text_encoder_2 (T5), transformer (packed latents, image/text ids, guidance), vae_decoder",
+        export_options=("lora", "max_sequence_length"),
+        # As for SD3: the transformer for int8, the text encoders too for weight-only schemes.
+        quantize_recipes={
+            "int8-dynamic": ("transformer",),
+            "int8-static": ("transformer",),
+            "int4-weight": ("text_encoder", "text_encoder_2", "transformer"),
+            "fp16": ("text_encoder", "text_encoder_2", "transformer"),
+        },
+        # The embedders of latents, text, timestep and guidance set what every block reads, and the
+        # final norm and projection write the output directly.
+        quantize_exclude={
+            "transformer": (
+                "*x_embedder*",
+                "*context_embedder*",
+                "*time_text_embed*",
+                "*norm_out*",
+                "*proj_out*",
+            ),
+        },
+        torch_runtime=TorchDiffusion(
+            "FluxPipeline",
+            "transformer",
+            ("text_encoder", "text_encoder_2"),
+            dropped=("image_encoder", "feature_extractor"),
+        ),
     ),
     "stable-diffusion": Family(
         name="stable-diffusion",
@@ -133,6 +276,23 @@ FAMILIES: dict[str, Family] = {
         pipeline="modelkiln.runtime.stable_diffusion:StableDiffusionPipeline",
         models="`StableDiffusionPipeline` (SD 1.x, DreamBooth fine-tunes; `--lora` fuses LoRAs)",
         components="text_encoder (CLIP), unet, vae_decoder",
+        export_options=("lora",),
+        # The UNet is where the time goes; the text encoder takes weight-only schemes; the VAE decoder
+        # stays fp32.
+        quantize_recipes={
+            "int8-dynamic": ("unet",),
+            "int8-static": ("unet",),
+            "int4-weight": ("text_encoder",),
+            "fp16": ("text_encoder", "unet"),
+        },
+        # The timestep embedding MLP conditions every ResNet block.
+        quantize_exclude={"unet": ("*time_embedding*",)},
+        torch_runtime=TorchDiffusion(
+            "StableDiffusionPipeline",
+            "unet",
+            ("text_encoder",),
+            dropped=("safety_checker", "feature_extractor"),
+        ),
     ),
 }
 
@@ -148,6 +308,11 @@ def get_family(name: str) -> Family:
         raise UnsupportedModelError(
             f"unknown family {name!r}. Supported families: {family_names()}."
         ) from None
+
+
+def bench_families(task: str) -> tuple[str, ...]:
+    """The families `kiln bench` runs with its ``task`` benchmark (BenchSupport.task)."""
+    return tuple(name for name, family in FAMILIES.items() if family.bench and family.bench.task == task)
 
 
 def detect_family(config: dict[str, Any], source: str = "the model") -> Family:

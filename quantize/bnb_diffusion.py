@@ -9,7 +9,7 @@ with ``save_pretrained`` as an artifact of kind ``torch`` that ``modelkiln.runti
 
 ``make_bnb_artifact`` comes here once the family's task is text-to-image. The denoiser (transformer
 or UNet) is quantized, and the text encoders named with ``components`` (the T5, the biggest one);
-the VAE stays fp32. The family recipe's fp32 patterns (``QUANTIZE_EXCLUDE``, as for ONNX schemes)
+the VAE stays fp32. The family's declared fp32 patterns (``Family.quantize_exclude``, as for ONNX schemes)
 and ``exclude`` keep matching ``nn.Linear`` module paths unquantized. Quality is PSNR/SSIM against
 the ONNX parent from identical latents, else against the fp32 source run by diffusers.
 """
@@ -88,7 +88,7 @@ def skip_modules(source, family: Family, name: str, exclude: tuple[str, ...], fo
     for 4-bit schemes the layers bitsandbytes' CPU path cannot pack (``unpackable_for_4bit``)."""
     import torch
 
-    recipe = getattr(family.load_exporter(), "QUANTIZE_EXCLUDE", {}).get(name, ())
+    recipe = family.quantize_exclude.get(name, ())
     patterns = (*recipe, *exclude)
     if not patterns and not four_bit:
         return []

@@ -32,7 +32,7 @@ from .variant import QuantizeConfig, measure_quality, read_onnx_parent, record_q
 
 
 def _components(manifest: Manifest, config: QuantizeConfig) -> tuple[str, ...]:
-    recipe = get_family(manifest.family).load_exporter().QUANTIZE_RECIPES
+    recipe = get_family(manifest.family).quantize_recipes
     chosen = config.components or recipe.get(config.scheme, tuple(manifest.components))
     unknown = [name for name in chosen if name not in manifest.components]
     if unknown:
@@ -43,9 +43,8 @@ def _components(manifest: Manifest, config: QuantizeConfig) -> tuple[str, ...]:
 
 
 def recipe_exclude(manifest: Manifest, name: str) -> tuple[str, ...]:
-    """The family recipe's patterns kept in fp32 for this component (e.g. a denoiser's embedders)."""
-    exporter = get_family(manifest.family).load_exporter()
-    return tuple(getattr(exporter, "QUANTIZE_EXCLUDE", {}).get(name, ()))
+    """The family's declared patterns kept in fp32 for this component (e.g. a denoiser's embedders)."""
+    return tuple(get_family(manifest.family).quantize_exclude.get(name, ()))
 
 
 def _quantize_graph(

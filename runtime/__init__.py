@@ -15,32 +15,29 @@ transformers (captioners) or diffusers (text-to-image).
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import tempfile
 import weakref
 from pathlib import Path
 
-from modelkiln.errors import ArtifactError
+from modelkiln.errors import ArtifactError, KilnError
 from modelkiln.manifest import Manifest, extra_files, read_manifest, require_intact
-from modelkiln.registry import get_family
+from modelkiln.registry import get_family, load_attr
 
 from .session import BACKENDS, RuntimeOptions
 
 __all__ = ["BACKENDS", "RuntimeOptions", "load", "torch_pipeline_class"]
 
-# Task -> module whose torch_pipeline_class(family) runs that task's torch (bitsandbytes) artifacts.
-TORCH_RUNTIMES: dict[str, str] = {
-    "image-to-text": "modelkiln.runtime.torch_captioning",
-    "text-to-image": "modelkiln.runtime.torch_diffusion",
-}
-
 
 def torch_pipeline_class(family: str) -> type:
     """The pipeline class of the family's torch artifacts. Imports torch: the ONNX path never calls it."""
-    module = importlib.import_module(TORCH_RUNTIMES[get_family(family).task])
-    return module.torch_pipeline_class(family)
+    declared = get_family(family).torch_runtime
+    if declared is None:
+        raise KilnError(
+            f"family {family} has no PyTorch (bitsandbytes) runtime; use an ONNX scheme for its artifacts."
+        )
+    return load_attr(declared.runtime)(family)
 
 
 def load(

@@ -11,7 +11,6 @@ validation treat both alike; only the token loop is transformers ``generate``. I
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 
 from modelkiln.errors import KilnError
 from modelkiln.manifest import Manifest
+from modelkiln.registry import FAMILIES, TorchCaptioner, get_family, load_attr
 
 from .captioning import CaptioningPipeline
 from .generation import GenerationSettings
@@ -28,12 +28,14 @@ from .session import RuntimeOptions
 from .text import TextCodec
 
 
-def _decoder_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
+# How each family's generate takes the prompt ids (its registry entry's TorchCaptioner.prompt_inputs
+# names one). Prompt ids and caption texts come from the family's ONNX pipeline class, shared with this one.
+def decoder_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
     # VisionEncoderDecoderModel: the prompt is the decoder's own input.
     return {"decoder_input_ids": ids, "decoder_attention_mask": mask}
 
 
-def _blip_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
+def blip_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
     # BLIP's generate swaps the first token for [DEC] and drops the last ([SEP]), so hand it the
     # prompt as its processor writes it: [DEC] + words + [SEP].
     sep = np.full((ids.shape[0], 1), manifest.runtime["sep_token_id"], dtype=ids.dtype)
@@ -43,37 +45,30 @@ def _blip_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
     }
 
 
-# generate arguments a family's own generate sets itself (BLIP passes [SEP] as EOS and its pad id):
-# passing them again is an error there, and the values are the ones settings() resolved anyway.
-_SET_BY_MODEL: dict[str, tuple[str, ...]] = {"blip": ("eos_token_id", "pad_token_id")}
-
-
-def _text_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
+def text_inputs(ids, mask, manifest: Manifest) -> dict[str, Any]:
     # BLIP-2: the family's prompt ids are exactly the processor's (image tokens, BOS, words).
     return {"input_ids": ids, "attention_mask": mask}
 
-
-# Family -> (transformers class of its save_pretrained checkpoint, how generate takes the prompt ids).
-# Prompt ids and caption texts come from the family's ONNX pipeline class, shared with this one.
-TORCH_FAMILIES: dict[str, tuple[str, Any]] = {
-    "vit-gpt2": ("VisionEncoderDecoderModel", _decoder_inputs),
-    "blip": ("BlipForConditionalGeneration", _blip_inputs),
-    "blip-2": ("Blip2ForConditionalGeneration", _text_inputs),
-}
-TORCH_MODEL_CLASSES: dict[str, str] = {family: entry[0] for family, entry in TORCH_FAMILIES.items()}
 
 # Token ids generate needs to start decoding; every other setting comes from settings().
 _START_TOKEN_KEYS = ("decoder_start_token_id", "bos_token_id")
 
 
-def model_class(family: str):
-    """The transformers class that loads this family's checkpoint, or an error naming the supported ones."""
-    if family not in TORCH_MODEL_CLASSES:
+def torch_captioner(family: str) -> TorchCaptioner:
+    """The family's transformers declaration, or an error naming the families that have one."""
+    declared = get_family(family).torch_runtime
+    if not isinstance(declared, TorchCaptioner):
+        supported = [name for name, f in FAMILIES.items() if isinstance(f.torch_runtime, TorchCaptioner)]
         raise KilnError(
             f"family {family} has no PyTorch (bitsandbytes) runtime yet; supported: "
-            f"{', '.join(TORCH_MODEL_CLASSES)}. Use an ONNX scheme (int8-dynamic, int4-weight) instead."
+            f"{', '.join(supported)}. Use an ONNX scheme (int8-dynamic, int4-weight) instead."
         )
-    return getattr(importlib.import_module("transformers"), TORCH_MODEL_CLASSES[family])
+    return declared
+
+
+def model_class(family: str):
+    """The transformers class that loads this family's checkpoint, or an error naming the supported ones."""
+    return load_attr(f"transformers:{torch_captioner(family).model_class}")
 
 
 def _generate_kwargs(settings: GenerationSettings) -> dict[str, Any]:
@@ -134,7 +129,7 @@ class TorchCaptioningPipeline(CaptioningPipeline):
         )
 
     def _generate_kwargs(self, settings: GenerationSettings) -> dict[str, Any]:
-        fixed = _SET_BY_MODEL.get(self.manifest.family, ())
+        fixed = torch_captioner(self.manifest.family).set_by_model
         return {key: value for key, value in _generate_kwargs(settings).items() if key not in fixed}
 
     def generate_tokens(
@@ -153,7 +148,8 @@ class TorchCaptioningPipeline(CaptioningPipeline):
             warnings.filterwarnings(
                 "ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning
             )
-            prompt_inputs = TORCH_FAMILIES[self.manifest.family][1](ids, mask, self.manifest)
+            inputs = load_attr(torch_captioner(self.manifest.family).prompt_inputs)
+            prompt_inputs = inputs(ids, mask, self.manifest)
             sequences = self.model.generate(
                 pixel_values=torch.from_numpy(np.ascontiguousarray(pixel_values)),
                 **{name: torch.from_numpy(value) for name, value in prompt_inputs.items()},
@@ -166,9 +162,7 @@ class TorchCaptioningPipeline(CaptioningPipeline):
 
 def torch_pipeline_class(family: str) -> type:
     """TorchCaptioningPipeline with the family's prompt handling (its ONNX pipeline's prompt_ids, texts)."""
-    from modelkiln.registry import get_family
-
-    model_class(family)  # a clear error for families without a torch runtime
+    torch_captioner(family)  # a clear error for families without a torch runtime
     family_class = get_family(family).load_pipeline_class()
     if family_class is CaptioningPipeline:
         return TorchCaptioningPipeline

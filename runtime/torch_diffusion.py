@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,40 +26,10 @@ import torch
 
 from modelkiln.errors import KilnError, NonFiniteOutputError
 from modelkiln.manifest import Manifest
+from modelkiln.registry import FAMILIES, TorchDiffusion, get_family
 
 from .diffusion import Request, TextToImagePipeline
 from .session import RuntimeOptions
-
-
-@dataclass(frozen=True)
-class TorchDiffusionFamily:
-    """How a diffusion family's pipeline directory loads and runs in diffusers."""
-
-    pipeline_class: str  # diffusers pipeline class, as the directory's model_index.json names it
-    denoiser: str  # component holding the denoising network (the default to quantize)
-    text_encoders: tuple[str, ...]  # text encoder components, which may be quantized as well
-    # Components loaded as None: the ONNX runtime runs without them too (IP-Adapter image encoders,
-    # SD 1.x's safety checker), so both runtimes make the same image from the same latents.
-    dropped: tuple[str, ...] = ()
-
-
-TORCH_DIFFUSION: dict[str, TorchDiffusionFamily] = {
-    "sd3": TorchDiffusionFamily(
-        "StableDiffusion3Pipeline",
-        "transformer",
-        ("text_encoder", "text_encoder_2", "text_encoder_3"),
-        dropped=("image_encoder", "feature_extractor"),
-    ),
-    "flux": TorchDiffusionFamily(
-        "FluxPipeline",
-        "transformer",
-        ("text_encoder", "text_encoder_2"),
-        dropped=("image_encoder", "feature_extractor"),
-    ),
-    "stable-diffusion": TorchDiffusionFamily(
-        "StableDiffusionPipeline", "unet", ("text_encoder",), dropped=("safety_checker", "feature_extractor")
-    ),
-}
 
 # diffusers' bitsandbytes quantizer classes, whose GPU-only environment check is lifted while loading.
 _DIFFUSERS_QUANTIZERS = ("BnB4BitDiffusersQuantizer", "BnB8BitDiffusersQuantizer")
@@ -69,14 +38,17 @@ _DIFFUSERS_QUANTIZERS = ("BnB4BitDiffusersQuantizer", "BnB8BitDiffusersQuantizer
 _INT8_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast"
 
 
-def torch_diffusion_family(family: str) -> TorchDiffusionFamily:
-    """The family's diffusers loading rules, or an error naming the families that have them."""
-    if family not in TORCH_DIFFUSION:
+def torch_diffusion_family(family: str) -> TorchDiffusion:
+    """The family's diffusers loading rules (its registry declaration), or an error naming the families
+    that have them."""
+    declared = get_family(family).torch_runtime
+    if not isinstance(declared, TorchDiffusion):
+        supported = [name for name, f in FAMILIES.items() if isinstance(f.torch_runtime, TorchDiffusion)]
         raise KilnError(
             f"family {family} has no PyTorch (bitsandbytes) text-to-image runtime; supported: "
-            f"{', '.join(TORCH_DIFFUSION)}. Use an ONNX scheme (int8-dynamic, int4-weight, fp16) instead."
+            f"{', '.join(supported)}. Use an ONNX scheme (int8-dynamic, int4-weight, fp16) instead."
         )
-    return TORCH_DIFFUSION[family]
+    return declared
 
 
 def require_bitsandbytes(what: str) -> None:
@@ -230,8 +202,6 @@ class TorchTextToImagePipeline(TextToImagePipeline):
 
 def torch_pipeline_class(family: str) -> type:
     """TorchTextToImagePipeline with the family's request(), check() and initial_latents()."""
-    from modelkiln.registry import get_family
-
     torch_diffusion_family(family)  # a clear error for families without a torch runtime
     family_class = get_family(family).load_pipeline_class()
     name = f"Torch{family_class.__name__}"

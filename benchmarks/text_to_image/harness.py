@@ -24,7 +24,7 @@ from modelkiln.errors import KilnError
 from modelkiln.exporters.source import resolve_source as resolve_model
 from modelkiln.manifest import read_manifest
 from modelkiln.quantize.quantize import QuantizeConfig
-from modelkiln.registry import detect_family
+from modelkiln.registry import bench_families, detect_family
 
 from ..core import roofline
 from ..core.config import BenchConfig, TaskOptions, check_config
@@ -32,7 +32,7 @@ from ..core.source import model_or_preset
 from ..core.timing import EAGER, Schedule, time_variants
 from ..core.variants import Variant, prepare_variants
 from .measure import measure_variants
-from .presets import DIFFUSION_FAMILIES, DIFFUSION_PRESETS, build_diffusion_preset
+from .presets import DIFFUSION_PRESETS, build_diffusion_preset
 from .report import assemble_report, derived, write_diffusion_reports
 from .runners import EagerDiffusionRunner, Generation, ImageJob, OrtDiffusionRunner
 
@@ -195,9 +195,10 @@ def run_diffusion_bench(config: TextToImageConfig, log: Callable[[str], None] = 
 def check_family(source: str) -> str:
     """The source's family, which must be one this benchmark knows how to run."""
     family = detect_family(resolve_model(source).config, source).name
-    if family not in DIFFUSION_FAMILIES:
+    runs = bench_families("text-to-image")
+    if family not in runs:
         raise KilnError(
-            f"{source} is a {family} pipeline; the text-to-image benchmark runs {', '.join(DIFFUSION_FAMILIES)}. "
+            f"{source} is a {family} pipeline; the text-to-image benchmark runs {', '.join(runs)}. "
             "Export and run it with kiln export / kiln generate instead."
         )
     return family

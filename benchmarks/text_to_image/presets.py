@@ -26,17 +26,6 @@ from .runners import quiet_loading
 
 
 @dataclass(frozen=True)
-class DiffusionFamily:
-    """A text-to-image family the benchmark runs."""
-
-    presets: tuple[str, ...]  # --preset names that build a source of this family (DIFFUSION_PRESETS)
-
-
-# Text-to-image families the benchmark knows (runners, FLOP count, presets); others are refused by name.
-DIFFUSION_FAMILIES: dict[str, DiffusionFamily] = {"sd3": DiffusionFamily(presets=("tiny", "full"))}
-
-
-@dataclass(frozen=True)
 class DiffusionPreset:
     """Sizes of one SD3-family preset and the generation settings it is benchmarked at."""
 

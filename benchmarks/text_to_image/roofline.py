@@ -13,8 +13,9 @@ work (norms, GELU, modulation) is not counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
+
+from modelkiln.registry import get_family, load_attr
 
 
 def _sd3_block(config: dict, index: int, image: int, text: int) -> tuple[float, float]:
@@ -55,13 +56,13 @@ def sd3_step_flops(config: dict, latent_height: int, latent_width: int, text_tok
     }
 
 
-# Family -> FLOPs of one denoiser call; families without an entry get no roofline row.
-STEP_FLOPS: dict[str, Callable[..., dict]] = {"sd3": sd3_step_flops}
-
-
 def step_flops(family: str, config: dict, **shape: int) -> dict | None:
-    counter = STEP_FLOPS.get(family)
-    return None if counter is None else counter(config, **shape)
+    """FLOPs of one denoiser call by the family's declared FLOP model (``BenchSupport.step_flops``);
+    None for a family that declares none (its report gets no roofline row)."""
+    bench = get_family(family).bench
+    if bench is None or not bench.step_flops:
+        return None
+    return load_attr(bench.step_flops)(config, **shape)
 
 
 def rates(machine: dict) -> dict[str, float]:

@@ -18,6 +18,7 @@ from modelkiln.exporters.export import ExportConfig, export_model
 from modelkiln.exporters.source import resolve_source
 from modelkiln.fixtures.tiny_diffusion import save_tiny_lora
 from modelkiln.manifest import read_manifest
+from modelkiln.registry import get_family
 from modelkiln.metrics import psnr
 
 TEXT_LENGTH = 32  # T5 length the artifacts are exported with (diffusers' default is 512)
@@ -98,7 +99,7 @@ def test_manifest_components_and_dynamic_axes(exported):
     assert manifest.runtime["guidance_embeds"] == guided
     assert manifest.runtime["max_sequence_length"] == TEXT_LENGTH
     assert (manifest.runtime["default_steps"], manifest.runtime["default_guidance_scale"]) == (28, 3.5)
-    assert flux.QUANTIZE_RECIPES["int8-dynamic"] == ("transformer",)
+    assert get_family("flux").quantize_recipes["int8-dynamic"] == ("transformer",)
 
 
 def test_identical_latents_match_diffusers(exported):
