@@ -18,8 +18,8 @@ from modelkiln.exporters.export import ExportConfig, export_model
 from modelkiln.exporters.source import resolve_source
 from modelkiln.fixtures.tiny_diffusion import save_tiny_lora
 from modelkiln.manifest import read_manifest
-from modelkiln.registry import get_family
 from modelkiln.metrics import psnr
+from modelkiln.registry import get_family
 
 TEXT_LENGTH = 32  # T5 length the artifacts are exported with (diffusers' default is 512)
 # 40x24 px -> 20x12 latents -> 10x6 patches: not the exporter's 4x6-patch example.

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from modelkiln.errors import UnsupportedModelError
-from modelkiln.registry import FAMILIES, detect_family, get_family
+from modelkiln.benchmarks.captioning.presets import PRESETS
+from modelkiln.benchmarks.tasks import BENCH_TASKS
+from modelkiln.benchmarks.text_to_image.presets import DIFFUSION_PRESETS
+from modelkiln.errors import KilnError, UnsupportedModelError
+from modelkiln.exporters.export import ExportConfig
+from modelkiln.exporters.protocol import EXPORTER_PROTOCOLS
+from modelkiln.quantize.schemes import SCHEMES
+from modelkiln.registry import FAMILIES, TorchCaptioner, detect_family, get_family, load_attr
 
 TESTS = Path(__file__).resolve().parents[1]
+BENCH_PRESETS = {"image-to-text": PRESETS, "text-to-image": DIFFUSION_PRESETS}  # bench task -> its presets
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -64,3 +72,52 @@ def test_unknown_family_name_lists_valid_keys():
         UnsupportedModelError, match=r"unknown family 'blip9'. Supported families: .*vit-gpt2"
     ):
         get_family("blip9")
+
+
+# Adding a family is one declaration: everything a Family names must resolve, and the README must
+# describe it, so a new entry that forgets a file or a fact fails here rather than in a user's command.
+
+
+def _rows(readme: str, marker: str) -> str:
+    return readme.split(f"<!-- generated: {marker} -->")[1].split("<!-- end generated -->")[0]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_declared_reference_resolves(name):
+    family = FAMILIES[name]
+    assert family.name == name and family.task in BENCH_TASKS
+    assert isinstance(family.load_exporter(), EXPORTER_PROTOCOLS[family.task])
+    assert isinstance(family.load_pipeline_class(), type)
+    assert set(family.export_options) <= {f.name for f in fields(ExportConfig)}
+    for scheme, components in family.quantize_recipes.items():
+        assert SCHEMES[scheme].kind == "onnx" and components, f"{name}: recipe for {scheme}"
+    assert all(isinstance(patterns, tuple) for patterns in family.quantize_exclude.values())
+    torch_runtime = family.torch_runtime
+    if torch_runtime is not None:
+        assert callable(load_attr(torch_runtime.runtime))
+        if isinstance(torch_runtime, TorchCaptioner):
+            assert family.task == "image-to-text"
+            assert callable(load_attr(torch_runtime.prompt_inputs))
+            assert callable(load_attr(f"transformers:{torch_runtime.model_class}"))
+        else:
+            assert family.task == "text-to-image" and family.matches(
+                {"_class_name": torch_runtime.pipeline_class}
+            )
+            assert callable(load_attr(f"diffusers:{torch_runtime.pipeline_class}"))
+    if family.bench is not None:
+        assert family.bench.task in BENCH_TASKS
+        assert set(family.bench.presets) <= set(BENCH_PRESETS[family.bench.task])
+        assert not family.bench.step_flops or callable(load_attr(family.bench.step_flops))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_has_its_readme_row(name):
+    readme = (TESTS.parent / "README.md").read_text()
+    assert f"| `{name}` | {FAMILIES[name].models} |" in _rows(readme, "families")
+
+
+def test_an_unknown_family_has_no_torch_runtime_and_lists_the_ones_that_do():
+    from modelkiln.runtime.torch_diffusion import torch_diffusion_family
+
+    with pytest.raises(KilnError, match=r"has no PyTorch .*supported: sd3, flux, stable-diffusion"):
+        torch_diffusion_family("vit-gpt2")
