@@ -21,6 +21,7 @@ from modelkiln.errors import KilnError, UnsupportedModelError
 from modelkiln.manifest import Manifest, SourceSpec
 from modelkiln.registry import FAMILIES, Family, detect_family, get_family
 
+from .diffusion import Lora, PipelineModels
 from .onnx_export import export_component
 from .protocol import FamilyExporter
 from .source import Source, refuse_bitsandbytes, resolve_source
@@ -45,8 +46,6 @@ class ExportConfig:
 
     def family_options(self) -> dict:
         """The family-specific options that were set, as keyword arguments of the exporter's load_model."""
-        from .diffusion import Lora
-
         options = {
             "lora": tuple(Lora.parse(text) for text in self.lora),
             "max_sequence_length": self.max_sequence_length,
@@ -113,8 +112,8 @@ def _resolve_family(config: ExportConfig, source: Source, model: str) -> Family:
 
 
 def _lora_record(torch_model) -> list:
-    record = getattr(torch_model, "lora_record", None)
-    return record() if record else []
+    """The fused LoRAs, for the manifest: only diffusion pipelines take LoRAs (--lora is refused elsewhere)."""
+    return torch_model.lora_record() if isinstance(torch_model, PipelineModels) else []
 
 
 def export_model(
