@@ -1,0 +1,70 @@
+"""kiln export --model SRC --out DIR [--family F] [--opset N] [--lora PATH[:SCALE]]..."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from modelkiln.cli.common import console, next_hint, status
+from modelkiln.configs import same_named
+from modelkiln.registry import get_family
+
+HELP = "export a model to an ONNX artifact"
+LOADS_MODELS = True  # loads the PyTorch source: its libraries' progress bars are hidden
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id or local directory saved with save_pretrained")
+    parser.add_argument("--out", required=True, help="artifact directory to create")
+    parser.add_argument("--family", help="force a family instead of detecting it (see `kiln families`)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (runs their code)"
+    )
+    parser.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint")
+    parser.add_argument("--external-data", action="store_true", help="keep weights beside each graph")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="diffusion: fuse this LoRA (diffusers/PEFT format) before export (repeatable)",
+    )
+    parser.add_argument("--max-sequence-length", type=int, help="diffusion: T5 prompt length in tokens")
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="COMPONENT",
+        help="diffusion: leave out an optional component (SD3: text_encoder_3, i.e. T5) (repeatable)",
+    )
+    parser.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="keep standard ONNX ops only: no onnxruntime MultiHeadAttention (for runtimes other than onnxruntime)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.family is not None:
+        get_family(args.family)  # an unknown name is a usage error: say so before loading torch
+    # Here, not at the top: the exporter loads torch and onnx, which `kiln --help` never waits for.
+    from modelkiln.exporters.export import ExportConfig, export_model
+
+    config = same_named(
+        ExportConfig,
+        args,
+        external_data=True if args.external_data else None,
+        lora=tuple(args.lora),
+        without=tuple(args.without),
+        fuse_attention=not args.no_fuse_attention,
+    )
+    with status(f"exporting {args.model}") as update:
+        manifest = export_model(args.model, args.out, config, log=update)
+    size = sum((Path(args.out) / name).stat().st_size for name in manifest.files)
+    console.print(
+        f"exported {manifest.family} ({', '.join(manifest.components)}) to {args.out}, {size / 1e6:.1f} MB"
+    )
+    next_hint(f"kiln validate {args.out} --model {args.model}")
+    return 0
