@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from modelkiln import runtime
 from modelkiln.exporters.export import ExportConfig, export_model
 from modelkiln.fixtures import CAPTIONER_DIR, shapes
 from modelkiln.validation import ValidateConfig, validate_artifact
@@ -33,8 +34,6 @@ def _draw(folder: Path, count: int) -> list[tuple[Path, str]]:
 
 
 def run_demo(out: Path, num_images: int, console: Console) -> int:
-    from modelkiln import runtime
-
     artifact = out / "shapes-captioner"
     # 1. Export the shipped captioner; the demo owns its folder, so a re-run replaces it.
     with console.status("exporting the shipped shapes captioner"):

@@ -14,7 +14,7 @@ Two checks, both recorded in a JSON report and in the artifact's manifest:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ from modelkiln import runtime
 from modelkiln.errors import ImageInputError
 from modelkiln.exporters.source import resolve_source
 from modelkiln.fixtures import shapes
-from modelkiln.manifest import read_manifest, write_manifest
+from modelkiln.manifest import read_manifest
 from modelkiln.registry import get_family
 from modelkiln.runtime.images import load_images
+from modelkiln.validation.report import finish_report
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -160,17 +161,6 @@ def validate_artifact(
     # 3. Compare components, then captions.
     components = compare_components(pipe, exporter, torch_model, torch_pixels, config)
     captions = compare_captions(pipe, exporter, torch_model, pil_images, torch_pixels, config)
-    passed = all(r["passed"] for r in components.values()) and all(r["passed"] for r in captions.values())
-    report = {
-        "passed": passed,
-        "model": model,
-        "source_matches_manifest": source.weights_sha256 == manifest.source.weights_sha256,
-        "images": description,
-        "settings": {k: v for k, v in asdict(config).items() if k not in {"update_manifest", "allow_pickle"}},
-        "components": components,
-        "captions": captions,
-    }
-    # 4. Record the result in the artifact itself.
-    if config.update_manifest:
-        write_manifest(artifact_dir, manifest.with_validation(report))
-    return report
+    # 4. The report, also recorded in the artifact itself.
+    checks = {"components": components, "captions": captions}
+    return finish_report(artifact_dir, manifest, source, model, config, checks, {"images": description})

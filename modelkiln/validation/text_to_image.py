@@ -18,7 +18,7 @@ Two checks, recorded in a JSON report and in the artifact's manifest:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ import numpy as np
 
 from modelkiln import runtime
 from modelkiln.exporters.source import resolve_source
-from modelkiln.manifest import Manifest, read_manifest, write_manifest
+from modelkiln.manifest import Manifest, read_manifest
 from modelkiln.metrics import image_metrics
 from modelkiln.registry import get_family
+from modelkiln.validation.report import finish_report
 
 
 @dataclass(frozen=True)
@@ -157,16 +158,6 @@ def validate_diffusion(
     options = {key: value for key, value in options.items() if key in exporter.EXPORT_OPTIONS and value}
     models = exporter.load_model(source, **options)
     components = compare_components(pipe, exporter, models, config)
-    passed = all(r["passed"] for r in components.values()) and all(r["passed"] for r in images.values())
-    report = {
-        "passed": passed,
-        "model": model,
-        "source_matches_manifest": source.weights_sha256 == manifest.source.weights_sha256,
-        "settings": {k: v for k, v in asdict(config).items() if k not in {"update_manifest", "allow_pickle"}},
-        "components": components,
-        "images": images,
-    }
-    # 4. Record the result in the artifact itself.
-    if config.update_manifest:
-        write_manifest(artifact_dir, manifest.with_validation(report))
-    return report
+    # 4. The report, also recorded in the artifact itself.
+    checks = {"components": components, "images": images}
+    return finish_report(artifact_dir, manifest, source, model, config, checks)
