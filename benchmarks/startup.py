@@ -22,6 +22,7 @@ COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("usage error: export without --out", ("export", "--model", "m")),
     ("usage error: unknown family", ("export", "--model", "m", "--out", "o", "--family", "nope")),
     ("usage error: unknown scheme", ("quantize", "a", "--scheme", "int3", "--out", "o")),
+    ("error: export to an existing --out", ("export", "--model", "m", "--out", ".")),
     ("error: caption a missing artifact", ("caption", "no-such-artifact", "x.png")),
 )
 

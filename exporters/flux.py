@@ -31,16 +31,12 @@ from modelkiln.exporters.diffusion import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
-from modelkiln.registry import get_family
 
 PIPELINE = PipelineSpec(
     pipeline_class="FluxPipeline",
     denoiser="transformer",
     lora_targets=("transformer", "text_encoder"),  # what diffusers' FluxLoraLoaderMixin loads into
 )
-# The registry declares the family's export options; modelkiln/validation/text_to_image.py still reads
-# them here (delete this line once it reads get_family(...).export_options).
-EXPORT_OPTIONS = get_family("flux").export_options
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # diffusers' default (and largest) T5 length for Flux
 
 

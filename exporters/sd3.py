@@ -32,7 +32,6 @@ from modelkiln.exporters.diffusion import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
-from modelkiln.registry import get_family
 
 PIPELINE = PipelineSpec(
     pipeline_class="StableDiffusion3Pipeline",
@@ -40,9 +39,6 @@ PIPELINE = PipelineSpec(
     lora_targets=("transformer", "text_encoder", "text_encoder_2"),
     optional=("text_encoder_3", "tokenizer_3"),
 )
-# The registry declares the family's export options; modelkiln/validation/text_to_image.py still reads
-# them here (delete this line once it reads get_family(...).export_options).
-EXPORT_OPTIONS = get_family("sd3").export_options
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # diffusers' default T5 length for SD3
 
 

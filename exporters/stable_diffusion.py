@@ -35,14 +35,10 @@ from modelkiln.exporters.diffusion import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
-from modelkiln.registry import get_family
 
 PIPELINE = PipelineSpec(
     pipeline_class="StableDiffusionPipeline", denoiser="unet", lora_targets=("unet", "text_encoder")
 )
-# The registry declares the family's export options; modelkiln/validation/text_to_image.py still reads
-# them here (delete this line once it reads get_family(...).export_options).
-EXPORT_OPTIONS = get_family("stable-diffusion").export_options
 SD_IMAGE_SIZE_MULTIPLE = 8  # StableDiffusionPipeline.check_inputs: height and width divisible by 8
 
 

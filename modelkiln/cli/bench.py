@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from modelkiln.cli.common import console
+from modelkiln.registry import FAMILIES, bench_families
 
 HELP = "latency, memory, size and quality of variants vs PyTorch"
 LOADS_MODELS = True  # loads the PyTorch eager baseline: its libraries' progress bars are hidden
@@ -13,14 +14,16 @@ LOADS_MODELS = True  # loads the PyTorch eager baseline: its libraries' progress
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="source model: hub id or local directory (the eager baseline)")
-    source.add_argument(
-        "--preset",
-        choices=["tiny", "full"],
-        help="random-weight source built locally: ViT-GPT2, or see --family",
+    presets = sorted(
+        {preset for family in FAMILIES.values() if family.bench for preset in family.bench.presets}
     )
+    source.add_argument(
+        "--preset", choices=presets, help="random-weight source built locally: ViT-GPT2, or see --family"
+    )
+    text_to_image = ", ".join(bench_families("text-to-image"))
     parser.add_argument(
         "--family",
-        help="sd3: bench text-to-image (SD3.5-Medium-width presets); default: detected from --model",
+        help=f"{text_to_image}: bench text-to-image (full-width presets); default: detected from --model",
     )
     parser.add_argument(
         "--steps", type=int, help="text-to-image: denoising steps per image (default: the preset's)"

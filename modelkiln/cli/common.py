@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import sys
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -48,21 +50,28 @@ def status(message: str) -> Iterator[Callable[[str], None]]:
         yield lambda text: spinner.update(f"{message}: {text}")
 
 
+# What transformers, diffusers and huggingface_hub read when they are imported: verbosity and bars.
+QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+QUIET_LIBRARIES = ("transformers.utils.logging", "diffusers.utils.logging")  # settable once imported
+
+
 @contextlib.contextmanager
 def _quiet_model_loading() -> Iterator[None]:
     """Hide transformers' and diffusers' per-load progress bars and info chatter while a command loads
-    PyTorch models (a demo, a benchmark and a validation load several), restoring both libraries'
-    own settings afterwards. Only commands that import them anyway use it: it imports both."""
-    # Here, not at the top: both libraries load torch, which `kiln --help` and the runtime-only
-    # commands (caption, inspect, verify, families) never wait for.
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
+    PyTorch models (a demo, a benchmark and a validation load several), restoring everything after.
 
-    saved = [
-        (library, library.is_progress_bar_enabled(), library.get_verbosity())
-        for library in (transformers_logging, diffusers_logging)
-    ]
-    for library, _, _ in saved:
+    It imports neither library: one not imported yet reads the environment set here when the command
+    imports it; one already imported (the Python API, tests) is set through its logging module. So a
+    usage error still comes before torch loads, and the runtime-only install can run it."""
+    saved_environment = {key: os.environ.get(key) for key in QUIET_ENVIRONMENT}
+    os.environ.update(QUIET_ENVIRONMENT)
+    loaded = [sys.modules[name] for name in QUIET_LIBRARIES if name in sys.modules]
+    saved = [(library, library.is_progress_bar_enabled(), library.get_verbosity()) for library in loaded]
+    for library in loaded:
         library.disable_progress_bar()
         library.set_verbosity_error()
     try:
@@ -71,6 +80,11 @@ def _quiet_model_loading() -> Iterator[None]:
         for library, bar, level in saved:
             (library.enable_progress_bar if bar else library.disable_progress_bar)()
             library.set_verbosity(level)
+        for key, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def next_hint(command: str) -> None:

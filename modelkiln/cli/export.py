@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from modelkiln.artifact import check_output_dir
 from modelkiln.cli.common import console, next_hint, status
 from modelkiln.configs import same_named
-from modelkiln.registry import get_family
+from modelkiln.registry import family_names, get_family
 
 HELP = "export a model to an ONNX artifact"
 LOADS_MODELS = True  # loads the PyTorch source: its libraries' progress bars are hidden
@@ -16,7 +17,7 @@ LOADS_MODELS = True  # loads the PyTorch source: its libraries' progress bars ar
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="hub id or local directory saved with save_pretrained")
     parser.add_argument("--out", required=True, help="artifact directory to create")
-    parser.add_argument("--family", help="force a family instead of detecting it (see `kiln families`)")
+    parser.add_argument("--family", help=f"force a family instead of detecting it: {family_names()}")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
@@ -47,8 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Usage errors first: an unknown family or an existing --out is reported before torch loads.
     if args.family is not None:
-        get_family(args.family)  # an unknown name is a usage error: say so before loading torch
+        get_family(args.family)
+    check_output_dir(args.out, args.overwrite)
     # Here, not at the top: the exporter loads torch and onnx, which `kiln --help` never waits for.
     from modelkiln.exporters.export import ExportConfig, export_model
 

@@ -149,13 +149,14 @@ def validate_diffusion(
     images = compare_images(pipe, reference, config)
     del reference
     # 3. Every graph vs its PyTorch wrapper (LoRAs fused the way the export fused them).
-    exporter = get_family(manifest.family).load_exporter()
+    family = get_family(manifest.family)
+    exporter = family.load_exporter()
     options = {
         "lora": tuple(Lora(Path(lora["path"]), lora["scale"]) for lora in manifest.source.lora),
         "max_sequence_length": manifest.runtime.get("max_sequence_length"),
         "without": tuple(manifest.runtime.get("without", [])),
     }
-    options = {key: value for key, value in options.items() if key in exporter.EXPORT_OPTIONS and value}
+    options = {key: value for key, value in options.items() if key in family.export_options and value}
     models = exporter.load_model(source, **options)
     components = compare_components(pipe, exporter, models, config)
     # 4. The report, also recorded in the artifact itself.
