@@ -27,6 +27,7 @@ from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
     CacheShape,
     cache_names,
+    causal_mask,
     cross_attention_components,
     load_captioner,
     merge_heads,
@@ -89,14 +90,6 @@ class BlipTextCachedDecoderStep(nn.Module):
         words = self.embeddings.word_embeddings(input_ids)  # [B, T, D]
         return self.embeddings.LayerNorm(words + self.embeddings.position_embeddings(positions)[None])
 
-    def _causal_mask(self, attention_mask: torch.Tensor, new: int, past: int) -> torch.Tensor:
-        query_pos = torch.arange(new, device=attention_mask.device) + past
-        key_pos = torch.arange(past + new, device=attention_mask.device)
-        causal = key_pos[None, :] <= query_pos[:, None]  # [T, P+T]
-        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # [B, 1, T, P+T]
-        zero = torch.zeros((), dtype=torch.float32)
-        return torch.where(allowed, zero, torch.finfo(torch.float32).min)
-
     def _self_attention(self, attention, hidden, past_key, past_value, mask):
         heads = attention.self
         key = torch.cat([past_key, split_heads(heads.key(hidden), self.num_heads)], dim=2)
@@ -113,7 +106,7 @@ class BlipTextCachedDecoderStep(nn.Module):
         past, cross = cache[: 2 * self.num_layers], cache[2 * self.num_layers :]
         past_length = past[0].shape[2]
         hidden = self._embed(input_ids, past_length)  # [B, T, D]
-        mask = self._causal_mask(attention_mask, input_ids.shape[1], past_length)
+        mask = causal_mask(attention_mask, input_ids.shape[1], past_length)
         presents = []
         for i, layer in enumerate(self.layers):
             hidden, key, value = self._self_attention(

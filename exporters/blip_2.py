@@ -30,6 +30,7 @@ from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
     cache_axes,
     cache_names,
+    causal_mask,
     load_captioner,
     merge_heads,
     save_text_files,
@@ -107,14 +108,6 @@ class OPTPrefixDecoderStep(nn.Module):
         self.num_layers = config.num_hidden_layers
         self.layer_norm_before = config.do_layer_norm_before
 
-    def _causal_mask(self, attention_mask: torch.Tensor, new: int, past: int) -> torch.Tensor:
-        query_pos = torch.arange(new, device=attention_mask.device) + past
-        key_pos = torch.arange(past + new, device=attention_mask.device)
-        causal = key_pos[None, :] <= query_pos[:, None]  # [T, P+T]
-        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # [B, 1, T, P+T]
-        zero = torch.zeros((), dtype=torch.float32)
-        return torch.where(allowed, zero, torch.finfo(torch.float32).min)
-
     def _positions(self, attention_mask: torch.Tensor, past: int) -> torch.Tensor:
         # OPT counts attended tokens only (left padding gets -1); the embedding adds its offset of 2.
         positions = (torch.cumsum(attention_mask, dim=1) * attention_mask - 1).long()
@@ -149,7 +142,7 @@ class OPTPrefixDecoderStep(nn.Module):
         embeds = torch.cat([prefix_embeds, self.embed_tokens(input_ids)], dim=1)  # [B, P+T, Dw]
         past_length = past[0].shape[2]
         hidden = self.project_in(embeds) + self._positions(attention_mask, past_length)  # [B, P+T, D]
-        mask = self._causal_mask(attention_mask, hidden.shape[1], past_length)
+        mask = causal_mask(attention_mask, hidden.shape[1], past_length)
         presents = []
         for i, layer in enumerate(self.layers):
             hidden, key, value = self._layer(layer, hidden, past[2 * i], past[2 * i + 1], mask)

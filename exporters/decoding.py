@@ -34,6 +34,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
+def causal_mask(attention_mask: torch.Tensor, new: int, past: int) -> torch.Tensor:
+    """Additive mask [B, 1, T, P+T] of a decoder step: each of the ``new`` tokens sees the ``past`` ones
+    and itself, and no padded position (0 where allowed, the float32 minimum elsewhere)."""
+    query_pos = torch.arange(new, device=attention_mask.device) + past
+    key_pos = torch.arange(past + new, device=attention_mask.device)
+    causal = key_pos[None, :] <= query_pos[:, None]  # [T, P+T]
+    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # [B, 1, T, P+T]
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(allowed, zero, torch.finfo(torch.float32).min)
+
+
 def cache_names(prefix: str, layers: int) -> list[str]:
     """``prefix.0.key, prefix.0.value, prefix.1.key, ...``: one name per layer and kind."""
     return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]

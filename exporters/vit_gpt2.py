@@ -21,6 +21,7 @@ from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
     CacheShape,
     cache_names,
+    causal_mask,
     cross_attention_components,
     load_captioner,
     merge_heads,
@@ -84,14 +85,6 @@ class GPT2CachedDecoderStep(nn.Module):
         self.num_layers = lm.config.n_layer
         self.scales = [_attention_scale(lm.config, i) for i in range(self.num_layers)]
 
-    def _causal_mask(self, attention_mask: torch.Tensor, new: int, past: int) -> torch.Tensor:
-        query_pos = torch.arange(new, device=attention_mask.device) + past
-        key_pos = torch.arange(past + new, device=attention_mask.device)
-        causal = key_pos[None, :] <= query_pos[:, None]  # [T, P+T]
-        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # [B, 1, T, P+T]
-        zero = torch.zeros((), dtype=torch.float32)
-        return torch.where(allowed, zero, torch.finfo(torch.float32).min)
-
     def _self_attention(self, block, hidden, past_key, past_value, mask, scale):
         query, key, value = block.attn.c_attn(block.ln_1(hidden)).split(hidden.shape[-1], dim=2)
         key = torch.cat([past_key, split_heads(key, self.num_heads)], dim=2)
@@ -106,7 +99,7 @@ class GPT2CachedDecoderStep(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *cache: torch.Tensor):
         past, cross = cache[: 2 * self.num_layers], cache[2 * self.num_layers :]
         hidden = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # [B, T, D]
-        mask = self._causal_mask(attention_mask, input_ids.shape[1], past[0].shape[2])
+        mask = causal_mask(attention_mask, input_ids.shape[1], past[0].shape[2])
         presents = []
         for i, block in enumerate(self.transformer.h):
             attn, key, value = self._self_attention(
