@@ -1,69 +1,91 @@
-"""Shared fixtures: tiny source models and their exported artifacts, built once per test session."""
+"""Shared fixtures: tiny source models and their exported artifacts, built once per test run.
+
+The suite runs on several pytest-xdist workers; ``shared_folder`` lets the first worker that needs a
+tiny export make it and the others wait for it and reuse it, so no export is made twice per run.
+Tests only read these folders (a test that changes one copies it first).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
+from filelock import FileLock
 from tiny_models import TINY_VIT_GPT2, save_tiny_vit_gpt2
 
 from modelkiln.exporters.export import ExportConfig, export_model
 
 
+def shared_folder(tmp_path_factory, key: str, make: Callable[[Path], None]) -> Path:
+    """``make(folder)`` once per test run for this key, whichever worker asks first; the folder after."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / "shared" / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if not (root / "shared" / f"{key}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # left by a worker that failed half-way
+            folder.mkdir()
+            make(folder)
+            (root / "shared" / f"{key}.done").touch()
+    return folder
+
+
+def _exported(tmp_path_factory, key: str, source: Path, config: ExportConfig | None = None) -> Path:
+    config = config or ExportConfig()
+    folder = shared_folder(tmp_path_factory, key, lambda f: export_model(source, f / "artifact", config))
+    return folder / "artifact"
+
+
 @pytest.fixture(scope="session", params=sorted(TINY_VIT_GPT2))
 def vit_gpt2_source(request, tmp_path_factory):
     """A tiny ViT-GPT2 saved like save_pretrained, once per config."""
-    return save_tiny_vit_gpt2(tmp_path_factory.mktemp(f"src-{request.param}"), TINY_VIT_GPT2[request.param])
+    sizes = TINY_VIT_GPT2[request.param]
+    return shared_folder(tmp_path_factory, f"src-{request.param}", lambda f: save_tiny_vit_gpt2(f, sizes))
 
 
 @pytest.fixture(scope="session")
 def vit_gpt2_artifact(vit_gpt2_source, tmp_path_factory):
     """(source dir, artifact dir) for each tiny config."""
-    out = tmp_path_factory.mktemp("art") / "artifact"
-    export_model(vit_gpt2_source, out)
-    return vit_gpt2_source, out
+    return vit_gpt2_source, _exported(tmp_path_factory, f"art-{vit_gpt2_source.name}", vit_gpt2_source)
 
 
 @pytest.fixture(scope="session")
 def small_source(tmp_path_factory):
     """One tiny ViT-GPT2 for tests that need any model (bad input, CLI)."""
-    return save_tiny_vit_gpt2(tmp_path_factory.mktemp("small-src"), TINY_VIT_GPT2["a"])
+    return shared_folder(tmp_path_factory, "small-src", lambda f: save_tiny_vit_gpt2(f, TINY_VIT_GPT2["a"]))
 
 
 @pytest.fixture(scope="session")
 def small_artifact(small_source, tmp_path_factory):
-    out = tmp_path_factory.mktemp("small-art") / "artifact"
-    export_model(small_source, out, ExportConfig(external_data=True))
-    return out
+    return _exported(tmp_path_factory, "small-art", small_source, ExportConfig(external_data=True))
 
 
 @pytest.fixture(scope="session")
 def wide_artifact(tmp_path_factory):
     """The wider tiny ViT-GPT2 (config b, widths 64): 4-bit variants of it still caption every image,
     where config a's widths (32, 48) lose so much that the empty-caption gate refuses them."""
-    source = save_tiny_vit_gpt2(tmp_path_factory.mktemp("wide-src"), TINY_VIT_GPT2["b"])
-    out = tmp_path_factory.mktemp("wide-art") / "artifact"
-    export_model(source, out)
-    return out
+    source = shared_folder(tmp_path_factory, "wide-src", lambda f: save_tiny_vit_gpt2(f, TINY_VIT_GPT2["b"]))
+    return _exported(tmp_path_factory, "wide-art", source)
 
 
 @pytest.fixture(scope="session")
 def tiny_diffusion(tmp_path_factory):
     """``tiny_diffusion(name, **export_options) -> (source dir, artifact dir)``: each tiny pipeline of
-    modelkiln.fixtures.tiny_diffusion saved and exported once per session (exports take tens of
+    modelkiln.fixtures.tiny_diffusion saved and exported once per test run (exports take tens of
     seconds), shared by the exporter, runtime and quantizer tests."""
     from modelkiln.fixtures.tiny_diffusion import build_pipeline
 
-    sources, artifacts = {}, {}
-
     def get(name: str, **options):
-        if name not in sources:
-            sources[name] = tmp_path_factory.mktemp(f"{name}-src")
-            build_pipeline(name).save_pretrained(sources[name])
-        key = (name, tuple(sorted(options.items())))
-        if key not in artifacts:
-            out = tmp_path_factory.mktemp(f"{name}-art") / "artifact"
-            export_model(sources[name], out, ExportConfig(**options))
-            artifacts[key] = out
-        return sources[name], artifacts[key]
+        source = shared_folder(
+            tmp_path_factory, f"{name}-src", lambda f: build_pipeline(name).save_pretrained(f)
+        )
+        key = "-".join([f"{name}-art", *(f"{k}={v}" for k, v in sorted(options.items()))])
+        return source, _exported(tmp_path_factory, key, source, ExportConfig(**options))
 
     return get
 
