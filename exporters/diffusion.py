@@ -187,6 +187,25 @@ class PipelineModels:
         return [lora.describe() for lora in self.loras]
 
 
+class DenoiserCall(nn.Module):
+    """One denoiser (SD3/Flux transformer) call: the graph's inputs, in order, passed by name; the
+    predicted noise (the first output) returned.
+
+    One wrapper for every family rather than one per signature: torch.export takes ``*inputs``
+    positionally (onnx_export groups their dims to match) and ``names`` are the component's
+    example-input names, which become the graph's input names. The attribute stays ``transformer``:
+    parameter and node names, which the quantization recipes' patterns match, come from it.
+    """
+
+    def __init__(self, transformer: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.transformer = transformer
+        self.names = names
+
+    def forward(self, *inputs):
+        return self.transformer(**dict(zip(self.names, inputs, strict=True)), return_dict=False)[0]
+
+
 class ClipPooledAndPenultimate(nn.Module):
     """CLIP with projection (SD3): token ids -> projected pooled embedding and penultimate hidden states."""
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from modelkiln.exporters.diffusion import (
+    DenoiserCall,
     Lora,
     PipelineModels,
     PipelineSpec,
@@ -51,49 +52,6 @@ def load_model(
     )
 
 
-class FluxDenoiser(nn.Module):
-    """One FLUX.1-schnell transformer call: packed latents + text states + pooled text + timestep
-    (already divided by 1000, as the pipeline passes it) + rotary position ids -> predicted velocity."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids):
-        return self.transformer(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            return_dict=False,
-        )[0]
-
-
-class FluxGuidedDenoiser(nn.Module):
-    """FLUX.1-dev's transformer call: as ``FluxDenoiser`` plus the guidance scale, which dev takes as an
-    embedding (guidance distillation) instead of running a second, unconditional pass."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(
-        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
-    ):
-        return self.transformer(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
-
-
 def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
     from diffusers import FluxPipeline
 
@@ -117,12 +75,13 @@ def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
         "txt_ids": {0: "text_sequence"},
         "noise_pred": {0: "batch", 1: "image_sequence"},
     }
-    wrapper = FluxDenoiser
     if config.guidance_embeds:
+        # FLUX.1-dev takes the guidance scale as an embedding (guidance distillation) instead of running
+        # a second, unconditional pass; schnell has no such input.
         inputs["guidance"] = torch.tensor([3.5, 3.5])
         axes["guidance"] = {0: "batch"}
-        wrapper = FluxGuidedDenoiser
-    return Component("transformer", wrapper(transformer), inputs, ("noise_pred",), axes, fuse_attention=True)
+    call = DenoiserCall(transformer, tuple(inputs))
+    return Component("transformer", call, inputs, ("noise_pred",), axes, fuse_attention=True)
 
 
 def build_components(models: PipelineModels) -> Iterator[Component]:

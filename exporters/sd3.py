@@ -21,6 +21,7 @@ from torch import nn
 
 from modelkiln.exporters.diffusion import (
     CLIP_LENGTH,
+    DenoiserCall,
     Lora,
     PipelineModels,
     PipelineSpec,
@@ -83,24 +84,6 @@ def _patch_pos_embed_crop(transformer: nn.Module) -> None:
         embed.cropped_pos_embed = types.MethodType(_exact_cropped_pos_embed, embed)
 
 
-class SD3Denoiser(nn.Module):
-    """One MMDiT call: noisy latents + text states + pooled text + timestep -> predicted velocity."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        _patch_pos_embed_crop(transformer)
-        self.transformer = transformer
-
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return self.transformer(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
-
-
 def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
     config = transformer.config
     patch = config.patch_size
@@ -118,9 +101,9 @@ def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
         "timestep": {0: "batch"},
         "noise_pred": {0: "batch", 2: "latent_height", 3: "latent_width"},
     }
-    return Component(
-        "transformer", SD3Denoiser(transformer), inputs, ("noise_pred",), axes, fuse_attention=True
-    )
+    _patch_pos_embed_crop(transformer)
+    call = DenoiserCall(transformer, tuple(inputs))
+    return Component("transformer", call, inputs, ("noise_pred",), axes, fuse_attention=True)
 
 
 def build_components(models: PipelineModels) -> Iterator[Component]:
