@@ -33,7 +33,8 @@ def mixed_images():
 
 @pytest.fixture(scope="module", params=sorted(TINY_BLIP))
 def blip(request, tmp_path_factory):
-    """(source dir, artifact dir, PyTorch model, processor), exported once per tiny config."""
+    """(source dir, artifact dir, PyTorch model, processor), exported once per tiny config. The quantizer
+    family tests export one of these configs again (see tests/quantize/test_families.py)."""
     source = save_tiny_blip(tmp_path_factory.mktemp(f"blip-src-{request.param}"), TINY_BLIP[request.param])
     artifact = tmp_path_factory.mktemp(f"blip-art-{request.param}") / "artifact"
     export_model(source, artifact)

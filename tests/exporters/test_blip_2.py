@@ -35,7 +35,8 @@ def mixed_images():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Config name -> (source dir, artifact dir), each exported once, on first use; "b" forces external data."""
+    """Config name -> (source dir, artifact dir), each exported once, on first use; "b" forces external data.
+    The quantizer family tests export config "a" again (see tests/quantize/test_families.py)."""
     cache = {}
 
     def get(name: str):

@@ -35,7 +35,8 @@ WEIGHTS = "model.safetensors"
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
-    """(source dir, ONNX artifact dir) of the tiny config "b"."""
+    """(source dir, ONNX artifact dir) of the tiny config "b". Its own export: bitsandbytes loads the
+    source folder, which the shared wide_artifact fixture does not expose."""
     source = save_tiny_vit_gpt2(tmp_path_factory.mktemp("bnb-src"), TINY_VIT_GPT2["b"])
     artifact = tmp_path_factory.mktemp("bnb-art") / "artifact"
     export_model(source, artifact)

@@ -32,6 +32,9 @@ ONNX_SCHEMES = {
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_artifact(request, tmp_path_factory):
+    """(family, source, artifact, prompt), exported once per family. The same configs are exported again
+    in test_blip.py / test_blip_2.py (module fixtures there): ~20 s a run that a conftest fixture
+    could share."""
     build, sizes, prompt = FAMILIES[request.param]
     source = build(tmp_path_factory.mktemp(f"{request.param}-src"), sizes)
     artifact = tmp_path_factory.mktemp(f"{request.param}-art") / "artifact"
