@@ -86,12 +86,13 @@ def four_bit_skips(source, loader, trust_remote_code: bool = False) -> list[str]
     """Modules a 4-bit scheme keeps in full precision: transformers' own choice (tied and output
     embeddings), plus every Linear bitsandbytes' AVX512-BF16 CPU path cannot pack (``unpackable_for_4bit``).
     Listed in the manifest's bitsandbytes_config."""
-    from accelerate import init_empty_weights
+    import torch
     from transformers.quantizers.base import get_keys_to_not_convert
 
     config = loader.config_class.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        model = loader._from_config(config)  # on the meta device: names and shapes, no weights
+    # Weightless, as bnb_diffusion's component models: names and shapes are all the skip list needs.
+    with torch.device("meta"):
+        model = loader._from_config(config)
     return sorted({*get_keys_to_not_convert(model), *unpackable_for_4bit(model)})
 
 
