@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelkiln.errors import UnsupportedModelError
+from modelkiln.errors import KilnError, UnsupportedModelError
 
 
 def load_attr(path: str) -> Any:
@@ -308,6 +308,19 @@ def get_family(name: str) -> Family:
         raise UnsupportedModelError(
             f"unknown family {name!r}. Supported families: {family_names()}."
         ) from None
+
+
+def declared_torch_runtime(family: str, kind: type, what: str, instead: str) -> Any:
+    """The family's torch runtime declaration of this kind (TorchCaptioner, TorchDiffusion), or an error
+    naming the families that have one and the ONNX schemes to use ``instead``."""
+    declared = get_family(family).torch_runtime
+    if not isinstance(declared, kind):
+        supported = [name for name, f in FAMILIES.items() if isinstance(f.torch_runtime, kind)]
+        raise KilnError(
+            f"family {family} has no PyTorch (bitsandbytes) {what}; supported: {', '.join(supported)}. "
+            f"Use an ONNX scheme ({instead}) instead."
+        )
+    return declared
 
 
 def bench_families(task: str) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from modelkiln.errors import KilnError
 from modelkiln.manifest import Manifest
-from modelkiln.registry import FAMILIES, TorchCaptioner, get_family, load_attr
+from modelkiln.registry import TorchCaptioner, declared_torch_runtime, get_family, load_attr
 
 from .captioning import CaptioningPipeline
 from .generation import GenerationSettings
@@ -56,14 +56,7 @@ _START_TOKEN_KEYS = ("decoder_start_token_id", "bos_token_id")
 
 def torch_captioner(family: str) -> TorchCaptioner:
     """The family's transformers declaration, or an error naming the families that have one."""
-    declared = get_family(family).torch_runtime
-    if not isinstance(declared, TorchCaptioner):
-        supported = [name for name, f in FAMILIES.items() if isinstance(f.torch_runtime, TorchCaptioner)]
-        raise KilnError(
-            f"family {family} has no PyTorch (bitsandbytes) runtime yet; supported: "
-            f"{', '.join(supported)}. Use an ONNX scheme (int8-dynamic, int4-weight) instead."
-        )
-    return declared
+    return declared_torch_runtime(family, TorchCaptioner, "runtime yet", "int8-dynamic, int4-weight")
 
 
 def model_class(family: str):

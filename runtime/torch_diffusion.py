@@ -26,7 +26,7 @@ import torch
 
 from modelkiln.errors import KilnError, NonFiniteOutputError
 from modelkiln.manifest import Manifest
-from modelkiln.registry import FAMILIES, TorchDiffusion, get_family
+from modelkiln.registry import TorchDiffusion, declared_torch_runtime, get_family
 
 from .diffusion import Request, TextToImagePipeline
 from .session import RuntimeOptions
@@ -41,14 +41,9 @@ _INT8_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast"
 def torch_diffusion_family(family: str) -> TorchDiffusion:
     """The family's diffusers loading rules (its registry declaration), or an error naming the families
     that have them."""
-    declared = get_family(family).torch_runtime
-    if not isinstance(declared, TorchDiffusion):
-        supported = [name for name, f in FAMILIES.items() if isinstance(f.torch_runtime, TorchDiffusion)]
-        raise KilnError(
-            f"family {family} has no PyTorch (bitsandbytes) text-to-image runtime; supported: "
-            f"{', '.join(supported)}. Use an ONNX scheme (int8-dynamic, int4-weight, fp16) instead."
-        )
-    return declared
+    return declared_torch_runtime(
+        family, TorchDiffusion, "text-to-image runtime", "int8-dynamic, int4-weight, fp16"
+    )
 
 
 def require_bitsandbytes(what: str) -> None:
