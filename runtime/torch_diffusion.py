@@ -16,7 +16,9 @@ torch and diffusers, so ``runtime.load`` imports this module only for torch arti
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,7 @@ def load_diffusers(
 
     rules = torch_diffusion_family(family)
     left_out = {name: None for name in (*runtime_config.get("without", ()), *rules.dropped)}
+    left_out |= absent_components(folder)
     if "safety_checker" in left_out:
         left_out["requires_safety_checker"] = False  # dropped on purpose; diffusers would warn otherwise
     with bitsandbytes_on_cpu():
@@ -129,6 +132,20 @@ def load_diffusers(
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def absent_components(folder: str | os.PathLike) -> dict[str, None]:
+    """The components a pipeline folder's model_index.json names as ``[null, null]``, each mapped to None.
+
+    diffusers drops such entries and then refuses a pipeline that lacks a component it does not list
+    as optional (an SD3 pipeline saved without its T5, as its model card suggests for less memory),
+    unless ``from_pretrained`` is told the component is None: every loader of a source passes these."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {
+        name: None
+        for name, entry in index.items()
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] is None and entry[1] is None
+    }
 
 
 def _step_callback(callback: Callable[[int, int], None]) -> Callable:

@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "modelkiln.demo",
             "modelkiln.readme_tables",
             "modelkiln.fixtures.train_captioner",
+            "modelkiln.fixtures.train_text_to_image",
         ),
     ),
 )

@@ -113,11 +113,14 @@ class EagerDiffusionRunner:
         import diffusers
         import torch
 
+        from modelkiln.runtime.torch_diffusion import absent_components
+
         torch.set_num_threads(threads)
         quiet_loading()
         resolved = resolve_source(source)
         pipeline_class = getattr(diffusers, resolved.config["_class_name"])
-        self.pipe = pipeline_class.from_pretrained(resolved.path, dtype=torch.float32)
+        absent = absent_components(resolved.path)
+        self.pipe = pipeline_class.from_pretrained(resolved.path, dtype=torch.float32, **absent)
         self.pipe.set_progress_bar_config(disable=True)
         self.settings = settings
         self.calls: list[tuple[str, float]] = []

@@ -58,10 +58,11 @@ def reference_pipeline(manifest: Manifest, source):
     import torch
 
     from modelkiln.exporters.diffusion import Lora, quiet_loading
+    from modelkiln.runtime.torch_diffusion import absent_components
 
     pipeline_class = getattr(diffusers, manifest.runtime["pipeline"])
     # Components the export left out (SD3's T5) are left out of the reference the same way.
-    dropped = {name: None for name in manifest.runtime.get("without", [])}
+    dropped = {name: None for name in manifest.runtime.get("without", [])} | absent_components(source.path)
     with quiet_loading():
         pipe = pipeline_class.from_pretrained(source.path, dtype=torch.float32, **dropped)
     names = []
