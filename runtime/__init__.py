@@ -4,6 +4,7 @@
     pipe = runtime.load("out/vit-gpt2", backend="cpu", threads=2)
     pipe("cat.jpg")                      # [{"generated_text": "a cat on a couch"}]
     pipe(["a.jpg", "b.png"], num_beams=4)  # [[{...}], [{...}]]
+    runtime.caption_dataset("out/vit-gpt2", "photos/", "photos/metadata.jsonl")  # see runtime.datasets
 
 ``load`` reads the manifest, checks the files against it and returns the pipeline the artifact's
 family registers. Every path the manifest and its graphs name must stay inside the artifact and be
@@ -25,9 +26,10 @@ from modelkiln.errors import ArtifactError, KilnError
 from modelkiln.manifest import Manifest, extra_files, read_manifest, require_intact
 from modelkiln.registry import get_family, load_attr
 
+from .datasets import caption_dataset
 from .session import BACKENDS, RuntimeOptions
 
-__all__ = ["BACKENDS", "RuntimeOptions", "load", "torch_pipeline_class"]
+__all__ = ["BACKENDS", "RuntimeOptions", "caption_dataset", "load", "torch_pipeline_class"]
 
 
 def torch_pipeline_class(family: str) -> type:

@@ -40,6 +40,7 @@ EXTRA_OF: dict[str, str] = {
     ),
     **dict.fromkeys(("bitsandbytes", "accelerate"), "bnb"),
     "matplotlib": "bench",
+    **dict.fromkeys(("ray", "pyarrow"), "ray"),  # kiln caption --engine ray; Parquet in and out
 }
 
 

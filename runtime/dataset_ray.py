@@ -1,0 +1,136 @@
+"""The Ray engine of dataset captioning (``kiln caption ... --engine ray``): the same job as a Ray Data
+pipeline, on a local Ray or an existing cluster. Needs ``pip install 'modelkiln[ray]'``.
+
+    read   from_items over the job's images (paths, or table bytes), or any source path Ray Data reads
+           (``s3://bucket/photos/``: its files; ``...parquet``: a table with an image-bytes column)
+    map_batches(prepare_batch)   CPU tasks: read, sha256, decode, preprocess (``datasets.prepare``)
+    map_batches(CaptionActor)    an actor pool, one captioning pipeline per actor, loaded once
+                                 (``datasets.caption_records``)
+    iter_batches                 captions (a few dozen bytes an image) stream back to the driver,
+                                 whose journal makes the output exactly as the local engine does
+
+Ray only schedules: the captioning core is ``modelkiln.runtime.datasets``'s. An actor that dies is
+restarted by Ray and its batch retried; a batch seen twice is journaled once (same key).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import ray  # at the top: this module is the Ray engine, imported only when it is asked for
+import ray.data
+
+from .dataset_core import CaptionJob, DatasetItem, PipelineSpec, caption_records, prepare
+from .images import ImagePreprocessor
+
+# CPUs a decode task asks for: a fraction, so decoding still runs when the actors hold every CPU (on a
+# 2-core machine, 2 actors of 1 CPU each); Ray Data's backpressure bounds how many run at once.
+DECODE_CPUS = 0
+# Images per decode task: large enough that task overhead (a few ms) is small next to decoding them.
+DECODE_BATCH = 64
+# Each row that reaches the driver: enough for the journal, without pixels.
+RESULT_COLUMNS = ("file_name", "sha256", "state", "error", "text")
+
+
+def run(
+    job: CaptionJob,
+    items: list[DatasetItem],
+    done: set,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    address: str | None = None,
+    actor: type | None = None,
+) -> Iterator[dict[str, Any]]:
+    """One result record per image (any order; a retried batch may repeat some), like LocalEngine.run.
+
+    ``workers`` caption actors (None: the cluster's CPUs // threads_per_worker) of ``threads_per_worker``
+    CPUs each, on the cluster at ``address`` (None: a local Ray); ``actor`` replaces CaptionActor."""
+    started = _connect(address)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # kiln shows its own
+    try:
+        workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
+        spec = PipelineSpec(job.pipeline.artifact, job.pipeline.backend, threads_per_worker)
+        preprocess = ImagePreprocessor.from_dir(spec.artifact)
+        dataset = _source(items, workers).map_batches(
+            prepare_batch,
+            batch_size=DECODE_BATCH,
+            fn_kwargs={"preprocess": preprocess, "done": done},
+            num_cpus=DECODE_CPUS,
+        )
+        captions = dataset.map_batches(
+            actor or CaptionActor,
+            batch_size=job.batch_size,
+            fn_constructor_args=(spec, job.prompt, job.generation),
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=threads_per_worker,
+        )  # Ray Data restarts a dead actor and retries its batch by default (max_restarts=-1)
+        for batch in captions.iter_batches(batch_size=None, batch_format="numpy"):
+            yield from _rows(batch)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _connect(address: str | None) -> bool:
+    """Join the cluster (or start a local Ray with this machine's cores); True when this call started it."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False, include_dashboard=False)
+    return True
+
+
+def _source(items: list[DatasetItem], workers: int) -> ray.data.Dataset:
+    rows = [{"file_name": item.file_name, "path": item.path, "data": item.data} for item in items]
+    # Enough blocks that every actor gets work from the start, none larger than a decode batch.
+    blocks = min(len(rows), max(-(-len(rows) // DECODE_BATCH), 2 * workers))
+    return ray.data.from_items(rows, override_num_blocks=blocks)
+
+
+def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    columns = [batch[name] for name in RESULT_COLUMNS]
+    for values in zip(*columns, strict=True):
+        yield {name: str(value) for name, value in zip(RESULT_COLUMNS, values, strict=True)}
+
+
+def _records(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    names = list(batch)
+    return [dict(zip(names, values, strict=True)) for values in zip(*(batch[n] for n in names), strict=True)]
+
+
+def prepare_batch(batch: dict[str, np.ndarray], preprocess: ImagePreprocessor, done: set) -> dict[str, list]:
+    """The decode stage: ``datasets.prepare`` on every row; pixels travel as .npy bytes (any shape)."""
+    records = []
+    for row in _records(batch):
+        item = DatasetItem(str(row["file_name"]), path=_optional(row["path"]), data=_optional(row["data"]))
+        record = prepare(item, preprocess, done)
+        record["pixels"] = b"" if record["pixels"] is None else _to_npy(record["pixels"])
+        records.append(record)
+    return {name: [record[name] for record in records] for name in records[0]}
+
+
+def _optional(value: Any) -> Any:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def _to_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class CaptionActor:
+    """One captioning pipeline, loaded once per actor; each call captions a batch of prepared records."""
+
+    def __init__(self, spec: PipelineSpec, prompt: str | None, generation: dict):
+        self.pipe, self.prompt, self.generation = spec.load(), prompt, generation
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        records = _records(batch)
+        for record in records:
+            pixels = record["pixels"]
+            record["pixels"] = np.load(io.BytesIO(pixels), allow_pickle=False) if len(pixels) else None
+        results = caption_records(self.pipe, records, self.prompt, self.generation)
+        return {name: [str(result[name]) for result in results] for name in RESULT_COLUMNS}
