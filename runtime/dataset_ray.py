@@ -29,7 +29,8 @@ from .images import ImagePreprocessor
 # CPUs a decode task asks for: a fraction, so decoding still runs when the actors hold every CPU (on a
 # 2-core machine, 2 actors of 1 CPU each); Ray Data's backpressure bounds how many run at once.
 DECODE_CPUS = 0
-# Images per decode task: large enough that task overhead (a few ms) is small next to decoding them.
+# Images per decode task at most: large enough that task overhead (a few ms) is small next to decoding
+# them; fewer when that would leave a caption actor without a block to start on.
 DECODE_BATCH = 64
 # Each row that reaches the driver: enough for the journal, without pixels.
 RESULT_COLUMNS = ("file_name", "sha256", "state", "error", "text")
@@ -54,9 +55,10 @@ def run(
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
         spec = PipelineSpec(job.pipeline.artifact, job.pipeline.backend, threads_per_worker)
         preprocess = ImagePreprocessor.from_dir(spec.artifact)
-        dataset = _source(items, workers).map_batches(
+        rows_per_block = _rows_per_block(len(items), workers)
+        dataset = _source(items, rows_per_block).map_batches(
             prepare_batch,
-            batch_size=DECODE_BATCH,
+            batch_size=rows_per_block,  # one decode task per block: no coalescing into fewer, larger ones
             fn_kwargs={"preprocess": preprocess, "done": done},
             num_cpus=DECODE_CPUS,
         )
@@ -82,11 +84,14 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def _source(items: list[DatasetItem], workers: int) -> ray.data.Dataset:
+def _rows_per_block(count: int, workers: int) -> int:
+    """At most DECODE_BATCH, and small enough for two blocks per actor."""
+    return max(1, min(DECODE_BATCH, -(-count // (2 * workers))))
+
+
+def _source(items: list[DatasetItem], rows_per_block: int) -> ray.data.Dataset:
     rows = [{"file_name": item.file_name, "path": item.path, "data": item.data} for item in items]
-    # Enough blocks that every actor gets work from the start, none larger than a decode batch.
-    blocks = min(len(rows), max(-(-len(rows) // DECODE_BATCH), 2 * workers))
-    return ray.data.from_items(rows, override_num_blocks=blocks)
+    return ray.data.from_items(rows, override_num_blocks=-(-len(rows) // rows_per_block))
 
 
 def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
