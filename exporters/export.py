@@ -25,6 +25,8 @@ from .diffusion import Lora, PipelineModels
 from .onnx_export import export_component
 from .protocol import FamilyExporter
 from .source import Source, refuse_bitsandbytes, resolve_source
+from .target_graphs import finish_for_target
+from .targets import DEFAULT_TARGET, Target, get_target
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,10 @@ class ExportConfig:
     max_sequence_length: int | None = None  # diffusion only: T5 prompt length (None: the family default)
     without: tuple[str, ...] = ()  # diffusion only: optional components left out (SD3: text_encoder_3)
     # Rewrite attention into onnxruntime's MultiHeadAttention in the components that declare it (the
-    # SD3/Flux transformers, where it was measured faster); False keeps standard ONNX ops only.
+    # SD3/Flux transformers, where it was measured faster). Only the onnxruntime target fuses: False
+    # keeps its graphs in standard ONNX ops too (the portable and tensorrt targets never fuse).
     fuse_attention: bool = True
+    target: str = DEFAULT_TARGET  # key of exporters.targets.TARGETS: onnxruntime, portable, tensorrt
 
     def family_options(self) -> dict:
         """The family-specific options that were set, as keyword arguments of the exporter's load_model."""
@@ -92,6 +96,17 @@ def _check_options(config: ExportConfig, family: Family) -> dict:
     return options
 
 
+def _check_target(config: ExportConfig) -> Target:
+    """The export's target, refused up front when the opset is too old for it."""
+    target = get_target(config.target)
+    if config.opset < target.min_opset:
+        raise KilnError(
+            f"--opset {config.opset} is too old for target {target.name}: it needs opset {target.min_opset} "
+            "or later (LayerNormalization as one node). Pass --opset 18, the default."
+        )
+    return target
+
+
 def _resolve_family(config: ExportConfig, source: Source, model: str) -> Family:
     """The detected family, or the forced one when the config does not belong to another family.
 
@@ -129,17 +144,20 @@ def export_model(
     family = _resolve_family(config, source, str(model))
     exporter: FamilyExporter = family.load_exporter()
     options = _check_options(config, family)
+    target = _check_target(config)
     with staged_artifact(out, overwrite=config.overwrite) as staging:
         # 2. Load the PyTorch model once; every component wraps the same weights.
         log(f"loading {model} as family {family.name}")
         torch_model = exporter.load_model(source, trust_remote_code=config.trust_remote_code, **options)
-        # 3. Export component by component, freeing each trace before the next.
+        # 3. Export component by component, freeing each trace before the next; each graph is made to
+        # fit the target and checked against it (a node the target cannot take fails the export).
         components = {}
+        fuse = config.fuse_attention and target.fuse_attention
         for component in exporter.build_components(torch_model):
             log(f"exporting {component.name}")
-            components[component.name] = export_component(
-                component, staging, config.opset, config.external_data, config.fuse_attention
-            )
+            spec = export_component(component, staging, config.opset, config.external_data, fuse)
+            finish_for_target(staging / spec.file, target, f"component {component.name}")
+            components[component.name] = spec
             del component
             gc.collect()
         # 4. Copy what the runtime needs, then write the manifest last.
@@ -155,5 +173,6 @@ def export_model(
             components=components,
             runtime=exporter.runtime_config(torch_model),
             tools=tool_versions(),
+            target=target.name,
         )
         return finish(staging, manifest)

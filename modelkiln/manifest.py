@@ -76,7 +76,15 @@ class Manifest:
     parent: dict[str, Any] | None = None  # artifact it was derived from: path relative to this one, hash
     quantization: dict[str, Any] | None = None  # scheme and recipe that made it, if any
     validation: dict[str, Any] | None = None  # latest `kiln validate` results, if any
-    kind: str = "onnx"  # "onnx": graphs run by onnxruntime; "torch": a save_pretrained model (bitsandbytes)
+    # "onnx": graphs run by onnxruntime; "torch": a save_pretrained model (bitsandbytes); "tensorrt":
+    # serialized TensorRT engines built from an ONNX parent (see ``engine``)
+    kind: str = "onnx"
+    # Runtime the graphs were exported for (exporters.targets): "onnxruntime" (contrib ops allowed; the
+    # value of manifests written before targets existed), "portable" or "tensorrt" (standard ops only)
+    target: str = "onnxruntime"
+    # kind "tensorrt" only: TensorRT version, GPU name and compute capability the engines were built on,
+    # precision, optimization profiles, refittable, timing cache file; None for other kinds
+    engine: dict[str, Any] | None = None
     format: str = FORMAT_NAME  # marks the directory as a modelkiln artifact
     format_version: int = FORMAT_VERSION  # bumped on incompatible changes
 
@@ -197,7 +205,8 @@ def check_references(artifact_dir: str | os.PathLike, manifest: Manifest) -> Non
     are outside the artifact or (files) not hashed by the manifest. Graphs are read as protobuf
     structure only, before onnxruntime opens them; absent files are skipped (reported as missing)."""
     directory = Path(artifact_dir)
-    for spec in manifest.components.values():
+    graphs = manifest.components.values() if manifest.kind != "tensorrt" else ()  # engines are not ONNX
+    for spec in graphs:
         if (directory / spec.file).is_file():
             for name in graph_external_files(spec.file, directory / spec.file):
                 _require_listed(manifest, name, "its external data", directory / spec.file)

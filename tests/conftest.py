@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from tiny_models import TINY_VIT_GPT2, save_tiny_vit_gpt2
+from tiny_models import (
+    TINY_BLIP,
+    TINY_BLIP2,
+    TINY_VIT_GPT2,
+    save_tiny_blip,
+    save_tiny_blip2,
+    save_tiny_vit_gpt2,
+)
 
 from modelkiln.exporters.export import ExportConfig, export_model
 
@@ -86,6 +93,38 @@ def tiny_diffusion(tmp_path_factory):
         )
         key = "-".join([f"{name}-art", *(f"{k}={v}" for k, v in sorted(options.items()))])
         return source, _exported(tmp_path_factory, key, source, ExportConfig(**options))
+
+    return get
+
+
+# Tiny models of every family for the export-target tests: captioner builders, and the tiny pipelines
+# of modelkiln.fixtures.tiny_diffusion that cover the diffusion families.
+TARGET_CAPTIONERS = {
+    "vit-gpt2": lambda f: save_tiny_vit_gpt2(f, TINY_VIT_GPT2["a"]),
+    "blip": lambda f: save_tiny_blip(f, TINY_BLIP["a"]),
+    "blip-2": lambda f: save_tiny_blip2(f, TINY_BLIP2["a"]),
+}
+TARGET_DIFFUSION = ("sd3.5-medium", "flux-dev", "flux-schnell", "sd1")
+TARGET_TEXT_LENGTH = 24  # T5 prompt length of the SD3 and Flux target exports
+
+
+@pytest.fixture(scope="session")
+def target_artifact(tmp_path_factory):
+    """``target_artifact(name, target) -> (source dir, artifact dir)``: a tiny model of each family
+    (a key of TARGET_CAPTIONERS or TARGET_DIFFUSION) exported once per run for ``target``."""
+    from modelkiln.fixtures.tiny_diffusion import build_pipeline
+
+    def get(name: str, target: str):
+        make = TARGET_CAPTIONERS.get(name) or (lambda f: build_pipeline(name).save_pretrained(f))
+        # The same source folders as small_source and tiny_diffusion use: each is saved once per run.
+        key = "small-src" if name == "vit-gpt2" else f"{name}-src"
+        source = shared_folder(tmp_path_factory, key, make)
+        options = {"max_sequence_length": TARGET_TEXT_LENGTH} if name.startswith(("sd3", "flux")) else {}
+        config = ExportConfig(target=target, **options)
+        folder = shared_folder(
+            tmp_path_factory, f"{name}-{target}", lambda f: export_model(source, f / "artifact", config)
+        )
+        return source, folder / "artifact"
 
     return get
 

@@ -1,4 +1,4 @@
-"""kiln export --model SRC --out DIR [--family F] [--opset N] [--lora PATH[:SCALE]]..."""
+"""kiln export --model SRC --out DIR [--target onnxruntime|portable|tensorrt] [--family F] [--opset N] ..."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from modelkiln.artifact import check_output_dir
 from modelkiln.cli.common import console, next_hint, status
 from modelkiln.configs import same_named
+from modelkiln.exporters.targets import DEFAULT_TARGET, TARGETS
 from modelkiln.registry import family_names, get_family
 
 HELP = "export a model to an ONNX artifact"
@@ -41,9 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="diffusion: leave out an optional component (SD3: text_encoder_3, i.e. T5) (repeatable)",
     )
     parser.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        choices=list(TARGETS),
+        help="runtime the graphs are for: "
+        + "; ".join(f"{name}: {target.description}" for name, target in TARGETS.items()),
+    )
+    parser.add_argument(
         "--no-fuse-attention",
         action="store_true",
-        help="keep standard ONNX ops only: no onnxruntime MultiHeadAttention (for runtimes other than onnxruntime)",
+        help="onnxruntime target without its MultiHeadAttention fusion (the other targets never fuse)",
     )
 
 
@@ -67,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         manifest = export_model(args.model, args.out, config, log=update)
     size = sum((Path(args.out) / name).stat().st_size for name in manifest.files)
     console.print(
-        f"exported {manifest.family} ({', '.join(manifest.components)}) to {args.out}, {size / 1e6:.1f} MB"
+        f"exported {manifest.family} ({', '.join(manifest.components)}) for {manifest.target} to {args.out}, "
+        f"{size / 1e6:.1f} MB"
     )
     next_hint(f"kiln validate {args.out} --model {args.model}")
     return 0

@@ -1,0 +1,21 @@
+"""Export targets for the text-to-image families: each tiny pipeline exports for ``tensorrt`` with
+standard ops that TensorRT's parser takes and matches diffusers with `kiln validate`'s bars; ``portable``
+is checked on the families whose onnxruntime graphs fuse attention (SD3, Flux), where it differs most.
+A file of its own so that the test workers share the exports (see test_targets.py for the rules).
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TARGET_DIFFUSION
+from test_targets import check_target_export
+
+
+@pytest.mark.parametrize("name", TARGET_DIFFUSION)
+def test_every_diffusion_family_exports_for_tensorrt_and_matches_diffusers(target_artifact, name):
+    check_target_export(*target_artifact(name, "tensorrt"), "tensorrt")
+
+
+@pytest.mark.parametrize("name", ["sd3.5-medium", "flux-dev"])
+def test_portable_diffusion_graphs_match_diffusers(target_artifact, name):
+    check_target_export(*target_artifact(name, "portable"), "portable")
