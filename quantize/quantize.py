@@ -16,11 +16,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import onnx
+
 from modelkiln.artifact import finish, staged_artifact
 from modelkiln.errors import KilnError
+from modelkiln.exporters.target_graphs import check_target
+from modelkiln.exporters.targets import get_target, scheme_refusal
 from modelkiln.manifest import (
     Manifest,
     artifact_hash,
+    read_manifest,
 )
 from modelkiln.registry import get_family
 
@@ -47,6 +52,22 @@ def recipe_exclude(manifest: Manifest, name: str) -> tuple[str, ...]:
     return tuple(get_family(manifest.family).quantize_exclude.get(name, ()))
 
 
+def _target_options(manifest: Manifest, config: QuantizeConfig) -> dict:
+    """The scheme's options with what the parent's export target needs forced (TensorRT: symmetric
+    int8); a scheme the target cannot run, or a contrary option, is refused."""
+    target = get_target(manifest.target)
+    scheme = get_scheme(config.scheme)
+    options = resolve_options(scheme, config.options)
+    needed = (target.schemes or {}).get(scheme.name, {})
+    for key, value in needed.items():
+        if key in config.options and config.options[key] != value:
+            raise KilnError(
+                f"scheme {scheme.name} on a {target.name} artifact needs {key}={str(value).lower()}; "
+                f"drop --option {key}={str(config.options[key]).lower()}."
+            )
+    return {**options, **needed}
+
+
 def _quantize_graph(
     parent: Path, staging: Path, name: str, manifest: Manifest, config, options, feeds
 ) -> dict:
@@ -59,6 +80,8 @@ def _quantize_graph(
     stats = scheme.load_apply()(
         model, staging / spec.file, options, excluded, spec.external_data is not None, **extra
     )
+    written = onnx.load(str(staging / spec.file), load_external_data=False)
+    check_target(written, get_target(manifest.target), f"component {name} with {config.scheme}", staging)
     if stats["quantized_nodes"] == 0:
         raise KilnError(
             f"scheme {config.scheme} quantized no node of component {name} (excluded: {len(excluded)}). "
@@ -90,6 +113,9 @@ def quantize_artifact(
     log: Callable[[str], None] = lambda message: None,
 ) -> Manifest:
     """Quantize ``parent_dir`` into ``out``; raise ValidationFailedError (nothing written) below the gate."""
+    refusal = scheme_refusal(get_target(read_manifest(parent_dir).target), get_scheme(config.scheme).name)
+    if refusal:
+        raise KilnError(refusal)
     if get_scheme(config.scheme).kind == "torch":
         # bitsandbytes quantizes the PyTorch source model, not the graphs: a separate path.
         return make_bnb_artifact(parent_dir, out, config.scheme, config, log=log)
@@ -99,7 +125,7 @@ def quantize_artifact(
         "Pass its ONNX parent or export {source} first."
     )
     parent, manifest = read_onnx_parent(parent_dir, refusal)
-    options = resolve_options(get_scheme(config.scheme), config.options)
+    options = _target_options(manifest, config)
     components = _components(manifest, config)
     with staged_artifact(out, overwrite=config.overwrite) as staging:
         # 2. Quantize the chosen graphs; copy everything else unchanged.
