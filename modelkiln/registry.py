@@ -124,6 +124,10 @@ class Family:
     # The PyTorch side of torch (bitsandbytes) artifacts; None: only ONNX schemes apply to this family.
     torch_runtime: TorchCaptioner | TorchDiffusion | None = None
     bench: BenchSupport | None = None  # None: `kiln bench` refuses this family
+    # TensorRT optimization-profile ranges (engines and the TensorRT execution provider): a dynamic axis
+    # as the manifest's shapes name it, or "component:axis" for one graph, -> (min, opt, max). A size is
+    # an int or an expression over the manifest's runtime config ("77 + max_sequence_length").
+    profile_ranges: dict[str, tuple[int | str, int | str, int | str]] = field(default_factory=dict)
 
     def load_exporter(self):
         return importlib.import_module(self.exporter)
@@ -144,6 +148,21 @@ _CAPTIONER_RECIPE: dict[str, tuple[str, ...]] = {
 # The captioner benchmark runs any captioner's --model; only ViT-GPT2 has presets (random-weight sources).
 _CAPTIONER_BENCH = BenchSupport(task="image-to-text")
 _TORCH_CAPTIONING = "modelkiln.runtime.torch_captioning"  # where the captioners' prompt_inputs live
+# Captioner profiles: up to 4 images x 4 beams, prompts up to 32 tokens on the first step, then one
+# token a step over a cache that grows to the decoder's positions (total = past + new tokens).
+_CAPTIONER_PROFILES: dict[str, tuple[int | str, int | str, int | str]] = {
+    "batch": (1, 1, 16),
+    "sequence": (1, 1, 32),
+    "past_sequence": (0, "max_positions // 2", "max_positions"),
+    "total_sequence": (1, "max_positions // 2 + 1", "max_positions + 32"),
+}
+# Denoiser and VAE latents from half to one and a half times the model's default side (SD3.5 and Flux:
+# 512 to 1536 px, SD 1.x: 256 to 768 px); classifier-free guidance doubles the batch.
+_LATENT_PROFILES: dict[str, tuple[int | str, int | str, int | str]] = {
+    "batch": (1, 2, 8),
+    "latent_height": ("default_sample_size // 2", "default_sample_size", "default_sample_size * 3 // 2"),
+    "latent_width": ("default_sample_size // 2", "default_sample_size", "default_sample_size * 3 // 2"),
+}
 
 
 FAMILIES: dict[str, Family] = {
@@ -159,6 +178,7 @@ FAMILIES: dict[str, Family] = {
         quantize_recipes=_CAPTIONER_RECIPE,
         torch_runtime=TorchCaptioner("VisionEncoderDecoderModel", f"{_TORCH_CAPTIONING}:decoder_inputs"),
         bench=BenchSupport(task="image-to-text", presets=("tiny", "full")),
+        profile_ranges=_CAPTIONER_PROFILES,
     ),
     "blip": Family(
         name="blip",
@@ -177,6 +197,7 @@ FAMILIES: dict[str, Family] = {
             set_by_model=("eos_token_id", "pad_token_id"),
         ),
         bench=_CAPTIONER_BENCH,
+        profile_ranges=_CAPTIONER_PROFILES,
     ),
     "blip-2": Family(
         name="blip-2",
@@ -190,6 +211,12 @@ FAMILIES: dict[str, Family] = {
         quantize_recipes=_CAPTIONER_RECIPE,
         torch_runtime=TorchCaptioner("Blip2ForConditionalGeneration", f"{_TORCH_CAPTIONING}:text_inputs"),
         bench=_CAPTIONER_BENCH,
+        # The query embeddings are a prefix on the first step only.
+        profile_ranges={
+            **_CAPTIONER_PROFILES,
+            "prefix_sequence": (0, 0, "num_query_tokens"),
+            "total_sequence": (1, "max_positions // 2 + 1", "max_positions + num_query_tokens + 32"),
+        },
     ),
     "sd3": Family(
         name="sd3",
@@ -231,6 +258,14 @@ FAMILIES: dict[str, Family] = {
             presets=("tiny", "full"),
             step_flops="modelkiln.benchmarks.text_to_image.roofline:sd3_step_flops",
         ),
+        # CLIP prompts are padded to 77 tokens, T5's to the artifact's length; the transformer reads both.
+        profile_ranges={
+            **_LATENT_PROFILES,
+            "text_encoder:sequence": (77, 77, 77),
+            "text_encoder_2:sequence": (77, 77, 77),
+            "text_encoder_3:sequence": ("max_sequence_length",) * 3,
+            "text_sequence": ("77 + max_sequence_length",) * 3,
+        },
     ),
     "flux": Family(
         name="flux",
@@ -266,6 +301,19 @@ FAMILIES: dict[str, Family] = {
             ("text_encoder", "text_encoder_2"),
             dropped=("image_encoder", "feature_extractor"),
         ),
+        # Guidance is an input, not a second batch; the transformer sees 2x2 latent patches as one token.
+        profile_ranges={
+            **_LATENT_PROFILES,
+            "batch": (1, 1, 4),
+            "image_sequence": (
+                "default_sample_size * default_sample_size // 16",
+                "default_sample_size * default_sample_size // 4",
+                "default_sample_size * default_sample_size * 9 // 16",
+            ),
+            "text_encoder:sequence": (77, 77, 77),
+            "text_encoder_2:sequence": ("max_sequence_length",) * 3,
+            "text_sequence": ("max_sequence_length",) * 3,
+        },
     ),
     "stable-diffusion": Family(
         name="stable-diffusion",
@@ -293,6 +341,7 @@ FAMILIES: dict[str, Family] = {
             ("text_encoder",),
             dropped=("safety_checker", "feature_extractor"),
         ),
+        profile_ranges={**_LATENT_PROFILES, "sequence": (77, 77, 77), "text_sequence": (77, 77, 77)},
     ),
 }
 
