@@ -1,10 +1,11 @@
 """The kiln command line: export, quantize, run, validate, benchmark and inspect artifacts.
 
     kiln demo                                   # export the shipped captioner, caption, validate
-    kiln export --model SRC --out DIR [--family F] [--opset N] [--lora PATH[:SCALE]]...
+    kiln export --model SRC --out DIR [--target onnxruntime|portable|tensorrt] [--family F] [--opset N] ...
     kiln caption DIR IMAGE... [--num-beams N] [--max-new-tokens N] [--json]
     kiln generate DIR "a prompt" [--steps N] [--seed S] [--height H] [--width W] --out image.png
     kiln validate DIR --model SRC [--json]
+    kiln engine DIR --out DIR [--precision fp32|fp16|bf16|int8] [--profile C:INPUT=MIN,OPT,MAX]... [--refit E]
     kiln inspect DIR [--json]
     kiln verify DIR [--json]
     kiln bench --preset tiny|full | --model SRC [--variant DIR]... [--schemes S,S] [--peers optimum] --out DIR
@@ -38,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "generate": "modelkiln.cli.generate",
     "validate": "modelkiln.cli.validate",
     "quantize": "modelkiln.cli.quantize",
+    "engine": "modelkiln.cli.engine",
     "inspect": "modelkiln.cli.inspect",
     "verify": "modelkiln.cli.verify",
     "families": "modelkiln.cli.families",
