@@ -11,7 +11,8 @@ family registers. Every path the manifest and its graphs name must stay inside t
 hashed by the manifest (modelkiln.confine); files it does not list (a ``.DS_Store``, a README) are left
 out of what the pipeline sees, so the runtime opens listed files only. Nothing here imports torch or
 transformers' modeling code, except for artifacts of kind "torch" (bitsandbytes variants), which run on
-transformers (captioners) or diffusers (text-to-image).
+transformers (captioners) or diffusers (text-to-image), and of kind "tensorrt" (`kiln engine`), whose
+engines run on TensorRT's runtime with ``backend="tensorrt"`` (runtime.tensorrt).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from modelkiln.manifest import Manifest, extra_files, read_manifest, require_int
 from modelkiln.registry import get_family, load_attr
 
 from .datasets import caption_dataset
-from .session import BACKENDS, RuntimeOptions
+from .session import BACKENDS, RuntimeOptions, tensorrt_provider_options
+from .tensorrt import check_engines
 
 __all__ = ["BACKENDS", "RuntimeOptions", "caption_dataset", "load", "torch_pipeline_class"]
 
@@ -43,17 +45,33 @@ def torch_pipeline_class(family: str) -> type:
 
 
 def load(
-    artifact_dir: str | os.PathLike, backend: str = "cpu", threads: int | None = None, verify: bool = True
+    artifact_dir: str | os.PathLike,
+    backend: str = "cpu",
+    threads: int | None = None,
+    verify: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ):
-    """Load an artifact directory and return its runtime pipeline."""
+    """Load an artifact directory and return its runtime pipeline. ``cache_dir`` (backend "tensorrt",
+    ONNX artifacts): where onnxruntime's TensorRT provider keeps the engines it builds; None: a folder
+    per artifact under ~/.cache/modelkiln/tensorrt."""
     directory = Path(artifact_dir).absolute()
     manifest = read_manifest(directory)
     require_intact(directory, manifest, hashes=verify)
-    options = RuntimeOptions(backend=backend, threads=threads, verify=verify)
+    on_provider = backend == "tensorrt" and manifest.kind == "onnx"  # onnxruntime's TensorRT provider
+    trt_options = tensorrt_provider_options(manifest, cache_dir) if on_provider else {}
+    options = RuntimeOptions(
+        backend=backend,
+        threads=threads,
+        verify=verify,
+        cache_dir=cache_dir and str(cache_dir),
+        tensorrt=trt_options,
+    )
     if manifest.kind == "torch":
         pipeline_class = torch_pipeline_class(manifest.family)
     else:
         pipeline_class = get_family(manifest.family).load_pipeline_class()
+    if manifest.kind == "tensorrt" and backend == "tensorrt":
+        check_engines(directory, manifest)  # one line naming the rebuild, before any engine is read
     if not extra_files(directory, manifest):
         return pipeline_class(directory, manifest, options)
     view = listed_view(directory, manifest)

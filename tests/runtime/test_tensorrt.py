@@ -137,7 +137,12 @@ def test_tensorrt_provider_options_carry_profiles_precision_and_caches(tmp_path,
 @pytest.mark.skipif(
     "TensorrtExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime has it"
 )
-def test_missing_onnxruntime_gpu_is_one_line_naming_the_install():
+def test_missing_onnxruntime_gpu_is_one_line_naming_the_install(target_artifact, tmp_path):
+    _, artifact = target_artifact("sd1", "tensorrt")
+    with pytest.raises(
+        KilnError, match="needs onnxruntime's TensorrtExecutionProvider, which this onnxruntime lacks"
+    ):
+        runtime.load(artifact, backend="tensorrt", cache_dir=tmp_path)
     with pytest.raises(
         KilnError,
         match=r"backend 'tensorrt' needs onnxruntime's TensorrtExecutionProvider.*modelkiln\[tensorrt\]",
@@ -189,7 +194,13 @@ def test_an_engine_artifact_needs_the_tensorrt_backend(target_artifact, tmp_path
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
-def test_missing_tensorrt_is_one_line_naming_the_install(tmp_path):
+def test_missing_tensorrt_is_one_line_naming_the_install(target_artifact, tmp_path):
+    _, onnx_artifact = target_artifact("vit-gpt2", "tensorrt")
+    _engine_artifact(onnx_artifact, tmp_path / "engines", ENGINE)
+    with pytest.raises(
+        KilnError, match=r"^TensorRT is not installed here .*pip install 'modelkiln\[tensorrt\]' .*NVIDIA GPU\.$"
+    ):
+        runtime.load(tmp_path / "engines", backend="tensorrt")
     with pytest.raises(
         KilnError, match=r"TensorRT is not installed here .*pip install 'modelkiln\[tensorrt\]'"
     ):
