@@ -80,6 +80,24 @@ def wide_artifact(tmp_path_factory):
     return _exported(tmp_path_factory, "wide-art", source)
 
 
+# Tiny BLIP-family configs: family -> (saver, configs). BLIP-2 "b" is exported with external data.
+TINY_CAPTIONERS = {"blip": (save_tiny_blip, TINY_BLIP), "blip-2": (save_tiny_blip2, TINY_BLIP2)}
+
+
+@pytest.fixture(scope="session")
+def captioner_export(tmp_path_factory):
+    """``captioner_export(family, config) -> (source dir, artifact dir)``: a tiny BLIP or BLIP-2 config
+    saved and exported once per test run, shared by the exporter and the quantizer family tests."""
+
+    def get(family: str, name: str) -> tuple[Path, Path]:
+        save, configs = TINY_CAPTIONERS[family]
+        source = shared_folder(tmp_path_factory, f"{family}-src-{name}", lambda f: save(f, configs[name]))
+        config = ExportConfig(external_data=(family, name) == ("blip-2", "b"))
+        return source, _exported(tmp_path_factory, f"{family}-art-{name}", source, config)
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_diffusion(tmp_path_factory):
     """``tiny_diffusion(name, **export_options) -> (source dir, artifact dir)``: each tiny pipeline of

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import TINY_BLIP, save_tiny_blip
+from tiny_models import TINY_BLIP
 from torch_free import caption_without_torch, fixed_image
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from modelkiln import runtime
-from modelkiln.exporters.export import export_model
 from modelkiln.manifest import read_manifest
 from modelkiln.registry import detect_family
 from modelkiln.validation import ValidateConfig, validate_artifact
@@ -32,12 +31,9 @@ def mixed_images():
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_BLIP))
-def blip(request, tmp_path_factory):
-    """(source dir, artifact dir, PyTorch model, processor), exported once per tiny config. The quantizer
-    family tests export one of these configs again (see tests/quantize/test_families.py)."""
-    source = save_tiny_blip(tmp_path_factory.mktemp(f"blip-src-{request.param}"), TINY_BLIP[request.param])
-    artifact = tmp_path_factory.mktemp(f"blip-art-{request.param}") / "artifact"
-    export_model(source, artifact)
+def blip(request, captioner_export):
+    """(source dir, artifact dir, PyTorch model, processor) for each tiny config (shared exports)."""
+    source, artifact = captioner_export("blip", request.param)
     model = BlipForConditionalGeneration.from_pretrained(source).eval()
     return source, artifact, model, AutoProcessor.from_pretrained(source)
 

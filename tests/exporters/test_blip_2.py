@@ -10,12 +10,11 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from tiny_models import TINY_BLIP2, save_tiny_blip2
+from tiny_models import TINY_BLIP2
 from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
 from modelkiln import runtime
 from modelkiln.errors import UnsupportedModelError
-from modelkiln.exporters.export import ExportConfig, export_model
 from modelkiln.manifest import read_manifest
 from modelkiln.registry import detect_family
 from modelkiln.validation import ValidateConfig, validate_artifact
@@ -33,27 +32,10 @@ def mixed_images():
     return [rgb, rgba, gray]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Config name -> (source dir, artifact dir), each exported once, on first use; "b" forces external data.
-    The quantizer family tests export config "a" again (see tests/quantize/test_families.py)."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            source = save_tiny_blip2(tmp_path_factory.mktemp(f"blip2-src-{name}"), TINY_BLIP2[name])
-            out = tmp_path_factory.mktemp("blip2-art") / "artifact"
-            export_model(source, out, ExportConfig(external_data=name == "b"))
-            cache[name] = (source, out)
-        return cache[name]
-
-    return get
-
-
 @pytest.fixture(params=sorted(TINY_BLIP2))
-def blip2(request, exported):
-    """(config name, source dir, artifact dir) for each tiny config."""
-    return (request.param, *exported(request.param))
+def blip2(request, captioner_export):
+    """(config name, source dir, artifact dir) for each tiny config; "b" is exported with external data."""
+    return (request.param, *captioner_export("blip-2", request.param))
 
 
 def torch_generate(source, images, prompt, **options):
@@ -139,8 +121,8 @@ def test_tied_embedding_is_stored_once(blip2):
     assert len(matrices) == 1, matrices
 
 
-def test_external_data_artifact_loads_after_move_from_another_cwd(exported, tmp_path, monkeypatch):
-    _, artifact = exported("b")
+def test_external_data_artifact_loads_after_move_from_another_cwd(captioner_export, tmp_path, monkeypatch):
+    _, artifact = captioner_export("blip-2", "b")
     manifest = read_manifest(artifact)
     for component in ("encoder", "decoder"):
         assert manifest.components[component].external_data == f"{component}.onnx.data"

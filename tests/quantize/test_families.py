@@ -9,17 +9,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from tiny_models import TINY_BLIP, TINY_BLIP2, save_tiny_blip, save_tiny_blip2
 
 from modelkiln import runtime
-from modelkiln.exporters.export import export_model
 from modelkiln.quantize.graph_prep import count_ops
 from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
 
 # family -> (builder, sizes, a prompt the family takes)
-FAMILIES = {
-    "blip": (save_tiny_blip, TINY_BLIP["b"], "a photography of"),
-    "blip-2": (save_tiny_blip2, TINY_BLIP2["a"], "Question: what is it? Answer:"),
+FAMILIES = {  # family -> (tiny config, prompt)
+    "blip": ("b", "a photography of"),
+    "blip-2": ("a", "Question: what is it? Answer:"),
 }
 # ONNX schemes with options that fit the tiny widths, and the node type each must leave in the graphs.
 ONNX_SCHEMES = {
@@ -31,15 +29,10 @@ ONNX_SCHEMES = {
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family_artifact(request, tmp_path_factory):
-    """(family, source, artifact, prompt), exported once per family. The same configs are exported again
-    in test_blip.py / test_blip_2.py (module fixtures there): ~20 s a run that a conftest fixture
-    could share."""
-    build, sizes, prompt = FAMILIES[request.param]
-    source = build(tmp_path_factory.mktemp(f"{request.param}-src"), sizes)
-    artifact = tmp_path_factory.mktemp(f"{request.param}-art") / "artifact"
-    export_model(source, artifact)
-    return request.param, source, artifact, prompt
+def family_artifact(request, captioner_export):
+    """(family, source, artifact, prompt): the exports test_blip.py / test_blip_2.py also use."""
+    config, prompt = FAMILIES[request.param]
+    return request.param, *captioner_export(request.param, config), prompt
 
 
 def _images():
