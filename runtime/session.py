@@ -26,6 +26,9 @@ from .profiles import LEVELS, derive_profiles, shapes_option
 from .tensorrt import EngineSession
 
 ENGINE_SUFFIX = ".engine"  # TensorRT engine files of "tensorrt" artifacts
+# Outputs a decoder feeds back as its next step's inputs: the KV cache (runtime.captioning's PRESENT_PREFIX,
+# which imports this module). On CUDA they stay in GPU memory between steps.
+DEVICE_RESIDENT_PREFIX = "present."
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,34 @@ def _engine_session(path: str | os.PathLike, options: RuntimeOptions):
     return EngineSession(path)
 
 
+class IoBoundSession:
+    """An onnxruntime session whose KV-cache outputs stay on the device (IO binding): the captioning
+    decoder feeds them back every step, so on CUDA the cache never makes the round trip through host
+    memory; logits and every other output come back to the host as before."""
+
+    def __init__(self, session: ort.InferenceSession, device: str):
+        self.session = session
+        self.device = device  # onnxruntime device name the cache outputs are bound to ("cuda")
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, output_names, feeds, run_options=None):
+        return self.session.run(output_names, feeds, run_options)
+
+    def run_with_ort_values(self, output_names: list[str], feeds: dict) -> list[ort.OrtValue]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in output_names:
+            binding.bind_output(name, self.device if name.startswith(DEVICE_RESIDENT_PREFIX) else "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+
 def check_external_data(path: str | os.PathLike) -> None:
     """Refuse a graph whose external data lies outside its folder (absolute, ``..``), before
     onnxruntime opens any of it: ``load`` also checks each is hashed by the manifest, this guards
@@ -111,7 +142,7 @@ def check_external_data(path: str | os.PathLike) -> None:
 
 def create_session(
     path: str | os.PathLike, options: RuntimeOptions, spinning: bool = True
-) -> ort.InferenceSession:
+) -> ort.InferenceSession | IoBoundSession | EngineSession:
     """A session for one graph. ``spinning=False`` stops its idle threads from busy-waiting for work:
     for a graph run once before another session's (a captioner's encoder), whose threads would
     otherwise spin on the cores the next graph needs. A TensorRT engine file gets an ``EngineSession``,
@@ -127,4 +158,5 @@ def create_session(
         settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
     settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Loading by path lets onnxruntime resolve external data relative to the graph, whatever the cwd.
-    return ort.InferenceSession(os.fspath(path), settings, providers=_providers(path, options))
+    session = ort.InferenceSession(os.fspath(path), settings, providers=_providers(path, options))
+    return IoBoundSession(session, "cuda") if options.backend == "cuda" else session
