@@ -76,7 +76,7 @@ SCHEMES: dict[str, Scheme] = {
         apply="modelkiln.quantize.onnx_int8:quantize_int8_static",
         options={"per_channel": True, "symmetric_activations": False},
         calibrated=True,
-        notes="`--calibration-images DIR`; `--option symmetric_activations=true` for TensorRT",
+        notes="`--calibration-images DIR`; symmetric (zero point 0) for `--target tensorrt` artifacts",
     ),
     "fp16": Scheme(
         name="fp16",
