@@ -14,6 +14,13 @@ from typing import Any
 
 from modelkiln.errors import KilnError, ValidationFailedError
 from modelkiln.manifest import Manifest, read_manifest, require_intact, write_manifest
+from modelkiln.validation.prompt_accuracy import (
+    PromptAccuracyConfig,
+    flat_figures,
+    is_shapes_fixture,
+    measure_pipeline,
+    shipped_reader,
+)
 
 from .quality import QUALITY
 
@@ -44,6 +51,10 @@ class QuantizeConfig:
     # Gate (captioners): fail when more held-out images than this get an empty caption where the parent
     # captioned one: the collapse a broken quantized decoder shows (transformers#30383). None: off.
     max_new_empty: int | None = 0
+    # Gate (text-to-image, the shipped shapes fixture only): fail below this share of images whose
+    # caption, read back by the shapes captioner, equals the prompt. None: off.
+    min_prompt_accuracy: float | None = None
+    prompt_accuracy_prompts: int | None = None  # shapes prompts it is measured on; None: all 138
     num_images: int = 16  # held-out drawn images the quality is measured on (captioners)
     num_prompts: int = 4  # held-out prompts the quality is measured on (diffusion)
     quality_steps: int = 4  # denoising steps per quality image (diffusion)
@@ -63,6 +74,15 @@ class QuantizeConfig:
                 f"--min-agreement {self.min_agreement} is outside 0..1: it is the share of captions "
                 "that must match the parent's (e.g. 0.95)."
             )
+        if self.min_prompt_accuracy is not None and not 0.0 <= self.min_prompt_accuracy <= 1.0:
+            raise KilnError(
+                f"--min-prompt-accuracy {self.min_prompt_accuracy} is outside 0..1: it is the share of images "
+                "whose caption read back equals the prompt (e.g. 0.8)."
+            )
+        if self.prompt_accuracy_prompts is not None and self.prompt_accuracy_prompts < 1:
+            raise KilnError(
+                f"--prompt-accuracy-prompts must be at least 1, got {self.prompt_accuracy_prompts}."
+            )
         if self.min_psnr is not None and not 0.0 <= self.min_psnr < float("inf"):
             raise KilnError(f"--min-psnr {self.min_psnr} must be a finite number of dB, 0 or more (e.g. 30).")
         if self.max_new_empty is not None and (
@@ -78,9 +98,12 @@ def measure_quality(parent_pipe, variant_pipe, manifest: Manifest, config: Quant
     """The task's quality figures of two loaded pipelines on held-out inputs."""
     if manifest.task == "text-to-image":
         prompts = list(QUALITY_PROMPTS[: config.num_prompts])
-        return QUALITY[manifest.task](
+        quality = QUALITY[manifest.task](
             parent_pipe, variant_pipe, prompts, config.quality_steps, config.image_size, QUALITY_SEEDS
         )
+        if is_shapes_fixture(manifest.source.model):
+            quality |= prompt_figures(parent_pipe, variant_pipe, config)
+        return quality
     from modelkiln.fixtures import shapes
 
     drawn = [shapes.draw(QUALITY_SEEDS + i) for i in range(config.num_images)]
@@ -88,6 +111,21 @@ def measure_quality(parent_pipe, variant_pipe, manifest: Manifest, config: Quant
     # The drawn captions are the truth only for the captioner trained on them.
     truths = [truth for _, truth in drawn] if _is_fixture(manifest.source.model) else None
     return QUALITY[manifest.task](parent_pipe, variant_pipe, images, truths)
+
+
+def prompt_figures(parent_pipe, variant_pipe, config: QuantizeConfig) -> dict:
+    """Prompt accuracy of the variant and its parent (exact and per attribute), read back by the shapes
+    captioner, from the same latents at the fixture's default steps and guidance."""
+    settings = PromptAccuracyConfig(prompts=config.prompt_accuracy_prompts)
+    read = shipped_reader()
+    variant = measure_pipeline(variant_pipe, read, settings)
+    parent = measure_pipeline(parent_pipe, read, settings)
+    return {
+        **flat_figures(variant),
+        **flat_figures(parent, "parent_prompt_accuracy"),
+        "prompt_accuracy_weakest": variant["weakest"],
+        "prompt_accuracy_misses": variant["misses"][:8],
+    }
 
 
 def _is_fixture(model: str) -> bool:
@@ -114,6 +152,17 @@ def gate_failures(quality: dict, config: QuantizeConfig) -> list[str]:
         )
     if config.min_psnr is not None and quality.get("psnr_min", float("inf")) < config.min_psnr:
         failures.append(f"worst image PSNR {quality['psnr_min']:.1f} dB < --min-psnr {config.min_psnr}")
+    if config.min_prompt_accuracy is not None:
+        if "prompt_accuracy" not in quality:
+            failures.append(
+                "--min-prompt-accuracy needs the shipped shapes pipeline as the source "
+                "(modelkiln/fixtures/shapes_sd3): no other model's images can be read back"
+            )
+        elif quality["prompt_accuracy"] < config.min_prompt_accuracy:
+            failures.append(
+                f"prompt accuracy {quality['prompt_accuracy']:.3f} < --min-prompt-accuracy "
+                f"{config.min_prompt_accuracy} (weakest attribute: {quality['prompt_accuracy_weakest']})"
+            )
     if quality.get("non_finite_images"):
         failures.append(f"{quality['non_finite_images']} images failed with NaN/Inf in a graph")
     return failures

@@ -52,6 +52,7 @@ DEFAULT_STEPS = 4  # steps per image when neither the preset nor --steps says
 QUALITY_PROMPTS = 1  # kiln quantize's own check: one prompt ...
 QUALITY_STEPS = 1  # ... one step ...
 QUALITY_SIDE_MULTIPLES = 4  # ... at 4x the smallest image side the model takes (64 px for SD3)
+QUALITY_PROMPT_ACCURACY = 12  # ... and, for the shipped shapes pipeline, 12 shapes prompts read back
 CALIBRATION_PROMPTS = 2  # int8-static: prompts run through the fp32 parent to record activations
 CALIBRATION_STEPS = 2  # int8-static: steps per calibration prompt (early and late timesteps)
 
@@ -66,6 +67,9 @@ class TextToImageConfig(BenchConfig):
     steps: int | None = None  # denoising steps per image; None: the preset's (or 4 for --model)
     size: int | None = None  # image side in pixels; None: the preset's (or the model's default)
     profile: bool = True  # op profile of one denoising step per variant
+    # Shipped shapes pipeline as the source: shapes prompts each variant's prompt accuracy is measured
+    # on, at the fixture's default steps and guidance (None: all 138). Other sources have none.
+    prompt_accuracy_prompts: int | None = None
 
 
 def configure(base: BenchConfig, options: TaskOptions) -> TextToImageConfig:
@@ -107,6 +111,7 @@ def quantize_config(parent: Path, scheme: str) -> QuantizeConfig:
         num_prompts=QUALITY_PROMPTS,
         quality_steps=QUALITY_STEPS,
         image_size=QUALITY_SIDE_MULTIPLES * multiple,
+        prompt_accuracy_prompts=QUALITY_PROMPT_ACCURACY,
         num_calibration=CALIBRATION_PROMPTS,
         calibration_steps=CALIBRATION_STEPS,
         overwrite=True,

@@ -21,6 +21,13 @@ import numpy as np
 from modelkiln.exporters.source import resolve_source
 from modelkiln.manifest import read_manifest
 from modelkiln.metrics import image_metrics
+from modelkiln.validation.prompt_accuracy import (
+    PromptAccuracyConfig,
+    is_shapes_fixture,
+    measure_pipeline,
+    prompt_sample,
+    shipped_reader,
+)
 
 from ..core.timing import EAGER, percentiles
 from ..core.variants import Variant
@@ -155,15 +162,28 @@ def variant_row(
             context["machine"], context["flops"], sizes.precision, stages["step"]["p50_s"], name == EAGER
         ),
         "profile": context["profiles"].get(name),
+        "prompt_accuracy": context["prompt_accuracy"].get(name),
     }
+
+
+def prompt_accuracies(source: str, runners: dict, config, log: Callable[[str], None]) -> dict:
+    """Per runner, prompt accuracy at the fixture's defaults; {} unless the source is the shipped shapes
+    pipeline, the only one whose images the shapes captioner can read back."""
+    if not is_shapes_fixture(source):
+        return {}
+    settings = PromptAccuracyConfig(prompts=config.prompt_accuracy_prompts)
+    log(f"prompt accuracy of every variant: {len(prompt_sample(settings.prompts))} shapes prompts, read back")
+    read = shipped_reader(config.threads)
+    return {name: measure_pipeline(runner.pipe, read, settings) for name, runner in runners.items()}
 
 
 def measure_variants(
     source: str, variants: list[Variant], runners: dict, timings: dict, latent_shape, context: dict, log
 ) -> list[dict]:
     """One report row per variant, eager first; releases the runners (see the module docstring)."""
-    # 1. Profile one step of each variant; the runners are released on the way.
-    context = {**context, "profiles": profile_steps(runners, variants, context["config"], log)}
+    # 1. Prompt accuracy, then one profiled step of each variant; the runners are released on the way.
+    context = {**context, "prompt_accuracy": prompt_accuracies(source, runners, context["config"], log)}
+    context["profiles"] = profile_steps(runners, variants, context["config"], log)
     context["flops"] = step_flops_of(source, context, tuple(latent_shape))
     # 2. Sizes and peak memory (a fresh process each), then the rows.
     targets = [(EAGER, source, source_sizes(source))]

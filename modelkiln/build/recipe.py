@@ -96,6 +96,9 @@ class VariantRecipe:
         None  # diffusion: prompt file for calibrated schemes (relative to the recipe)
     )
     calibration_steps: int = 8  # diffusion: denoising steps per calibration prompt
+    # Shipped shapes text-to-image model: shapes prompts the prompt accuracy is measured on (None: all
+    # 138); gate it with gates = { min_prompt_accuracy = 0.8 } (or min_prompt_accuracy_colour, ...).
+    prompt_accuracy_prompts: int | None = None
     gates: dict[str, float] = field(default_factory=dict)  # min_<figure> / max_<figure> = limit
 
 

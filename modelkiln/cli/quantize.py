@@ -49,6 +49,17 @@ def _add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-psnr", type=float, help="diffusion: fail when an image's PSNR vs the parent is below this (dB)"
     )
+    parser.add_argument(
+        "--min-prompt-accuracy",
+        type=float,
+        help="shipped shapes text-to-image model: fail below this share of images whose caption read back "
+        "equals the prompt (0-1)",
+    )
+    parser.add_argument(
+        "--prompt-accuracy-prompts",
+        type=int,
+        help="shipped shapes text-to-image model: shapes prompts for prompt accuracy (default: all 138)",
+    )
     parser.add_argument("--num-prompts", type=int, default=4, help="diffusion: held-out prompts for quality")
     parser.add_argument(
         "--quality-steps", type=int, default=4, help="diffusion: denoising steps per quality image"

@@ -77,6 +77,16 @@ def test_psnr_gate_fails_and_leaves_no_variant(parent, tmp_path):
     assert not (tmp_path / "v").exists()
 
 
+def test_prompt_accuracy_gate_on_another_model_says_it_needs_the_shapes_pipeline(tiny_diffusion, tmp_path):
+    artifact = tiny_diffusion("sd3.5-medium", max_sequence_length=24)[1]
+    config = QuantizeConfig("int8-dynamic", min_prompt_accuracy=0.8, **FAST)
+    with pytest.raises(
+        ValidationFailedError, match=r"--min-prompt-accuracy needs the shipped shapes pipeline"
+    ):
+        quantize_artifact(artifact, tmp_path / "v", config)
+    assert not (tmp_path / "v").exists()
+
+
 def test_calibration_spans_timesteps_of_whole_runs(parent, tmp_path):
     artifact, denoiser = parent
     prompts = tmp_path / "prompts.txt"

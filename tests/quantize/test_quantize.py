@@ -126,6 +126,8 @@ def test_new_empty_captions_gate_is_named_and_can_be_relaxed(small_artifact, tmp
         ({"min_psnr": -1.0}, r"--min-psnr -1.0 must be a finite number of dB"),
         ({"max_new_empty": -2}, r"--max-new-empty -2 must be a whole number, 0 or more"),
         ({"num_images": 0}, r"--num-images must be at least 1"),
+        ({"min_prompt_accuracy": 1.5}, r"--min-prompt-accuracy 1.5 is outside 0..1"),
+        ({"prompt_accuracy_prompts": 0}, r"--prompt-accuracy-prompts must be at least 1"),
     ],
 )
 def test_gate_values_outside_their_range_are_refused_before_any_work(options, message):
