@@ -129,7 +129,8 @@ def _tensorrt_problem(node: onnx.NodeProto, context: dict) -> str | None:
         return f"{node.op_type} is not in {where}'s operator support matrix"
     initializers = context["initializers"]
     given = [name for name in node.input]
-    kind = context["types"].get(given[support.typed_input]) if support.typed_input is not None else None
+    typed = support.typed_input
+    kind = context["types"].get(given[typed]) if typed is not None and typed < len(given) else None
     if kind is not None and kind not in support.types:
         return f"input type {kind}; {where} takes {node.op_type} on {', '.join(support.types)}"
     for index in support.constant_inputs:

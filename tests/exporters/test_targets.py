@@ -128,6 +128,7 @@ def test_each_incompatible_node_is_named_with_its_op_and_why():
         helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"], "dyn"),
         helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q8"], "quant"),
         helper.make_node("Shape", ["x"], ["shape"], "shape"),
+        helper.make_node("RandomNormal", [], ["noise"], "noise", shape=[2, 4]),
         helper.make_node("ReduceMean", ["x", "shape"], ["mean"], "mean"),
         helper.make_node("Resize", ["x", "", "scales"], ["big"], "resize", mode="cubic"),
         helper.make_node(
@@ -146,7 +147,7 @@ def test_each_incompatible_node_is_named_with_its_op_and_why():
     assert "node mean (ReduceMean): input 1 (shape) is computed" in text
     assert "node resize (Resize): mode=['cubic']" in text
     assert "node const (Constant): a Constant node where the target needs an initializer" in text
-    assert len(problems) == 6  # Shape is fine
+    assert len(problems) == 6  # Shape and an input-less RandomNormal are fine
     portable = incompatible_nodes(model, get_target("portable"))
     assert [p.split(" (")[0] for p in portable] == ["node attn", "node const"]
     assert incompatible_nodes(model, get_target("onnxruntime")) == []
