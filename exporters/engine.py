@@ -78,14 +78,15 @@ def read_engine_parent(directory: str | os.PathLike, config: EngineConfig) -> tu
 
 
 def _parse(trt, logger, graph: Path, what: str):
-    """The network TensorRT's ONNX parser makes of ``graph`` (external data read beside it)."""
+    """(builder, network, parser) TensorRT's ONNX parser makes of ``graph`` (external data read beside
+    it). The parser owns the weights the network points to: it must outlive the build."""
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(graph)):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
         raise KilnError(f"TensorRT's ONNX parser refused {what}: {errors}. Re-export with --target tensorrt.")
-    return builder, network
+    return builder, network, parser
 
 
 def _builder_config(trt, builder, precision: str, profile: Profile, refit: bool, cache: bytes, workspace):
@@ -112,9 +113,10 @@ def _builder_config(trt, builder, precision: str, profile: Profile, refit: bool,
 
 def _build_one(trt, logger, graph: Path, out: Path, settings: dict, cache: bytes, what: str) -> bytes:
     """Build and write one engine; return the timing cache grown by this build."""
-    builder, network = _parse(trt, logger, graph, what)
+    builder, network, parser = _parse(trt, logger, graph, what)
     config = _builder_config(trt, builder, cache=cache, **settings)
     serialized = builder.build_serialized_network(network, config)
+    del parser  # only now: the build read the weights it holds
     if serialized is None:
         raise KilnError(f"TensorRT could not build {what} (its log above says why).")
     out.write_bytes(memoryview(serialized))
@@ -224,13 +226,16 @@ def refit_engines(
     trt, cuda = import_tensorrt(), CudaDevice()
     check_engines(engines, built, trt, cuda)
     logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)  # outlives the engines it deserializes, as TensorRT requires
     with staged_artifact(out, overwrite=overwrite) as staging:
         for name, spec in manifest.components.items():
             log(f"refitting {name}")
             engine_file = built.components[name].file
-            engine = trt.Runtime(logger).deserialize_cuda_engine((engines / engine_file).read_bytes())
+            engine = runtime.deserialize_cuda_engine((engines / engine_file).read_bytes())
             refitter = trt.Refitter(engine, logger)
-            if not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(source / spec.file)):
+            # Kept in a name until the refit is done: it owns the weights it hands the refitter.
+            weights = trt.OnnxParserRefitter(refitter, logger)
+            if not weights.refit_from_file(str(source / spec.file)):
                 raise KilnError(f"TensorRT could not read the weights of component {name} from {source}.")
             if not refitter.refit_cuda_engine():
                 missing = ", ".join(refitter.get_missing_weights()[:5])

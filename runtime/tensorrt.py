@@ -90,7 +90,8 @@ class EngineSession:
         self.trt = trt or import_tensorrt()
         self.cuda = cuda or CudaDevice()
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
-        self.engine = self.trt.Runtime(self.logger).deserialize_cuda_engine(Path(path).read_bytes())
+        self.runtime = self.trt.Runtime(self.logger)  # kept: it must outlive the engine it deserializes
+        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise ArtifactError(
                 f"{path} is not an engine this TensorRT {self.trt.__version__} can load. {NO_GPU_FIX}."
