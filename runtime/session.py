@@ -91,7 +91,11 @@ def tensorrt_provider_options(manifest: Manifest, cache_dir: str | os.PathLike |
 def _providers(path: str | os.PathLike, options: RuntimeOptions) -> list:
     providers: list = providers_for(options.backend)
     if options.backend == "tensorrt":
-        providers[0] = (providers[0], options.tensorrt.get(Path(path).name, {}))
+        settings = options.tensorrt.get(Path(path).name, {})
+        for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+            if key in settings:  # the provider writes its caches there; the folders must exist
+                Path(settings[key]).mkdir(parents=True, exist_ok=True)
+        providers[0] = (providers[0], settings)
     return providers
 
 
