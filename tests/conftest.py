@@ -134,9 +134,9 @@ def target_artifact(tmp_path_factory):
 
     def get(name: str, target: str):
         make = TARGET_CAPTIONERS.get(name) or (lambda f: build_pipeline(name).save_pretrained(f))
-        # The same source folders as small_source and tiny_diffusion use: each is saved once per run.
-        key = "small-src" if name == "vit-gpt2" else f"{name}-src"
-        source = shared_folder(tmp_path_factory, key, make)
+        # The source folders small_source, captioner_export and tiny_diffusion save: once per run.
+        shared = {"vit-gpt2": "small-src", "blip": "blip-src-a", "blip-2": "blip-2-src-a"}
+        source = shared_folder(tmp_path_factory, shared.get(name, f"{name}-src"), make)
         options = {"max_sequence_length": TARGET_TEXT_LENGTH} if name.startswith(("sd3", "flux")) else {}
         config = ExportConfig(target=target, **options)
         folder = shared_folder(
