@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -40,6 +40,7 @@ __all__ = [
     "caption_records",
     "discover",
     "expand",
+    "is_uri",
     "prepare",
     "run_job",
 ]
@@ -51,7 +52,7 @@ IMAGE_COLUMNS = ("image", "file_name", "image_path", "path")
 # Journal rows a crash may lose at most, by default: small enough to redo in seconds, large enough that
 # a million images make a few thousand chunk files.
 DEFAULT_CHUNK_SIZE = 512
-Progress = Callable[[int, int], None]  # (images finished so far, images in the job)
+Progress = Callable[[int, int | None], None]  # (images finished so far, images in the job if known)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -126,8 +127,8 @@ class DatasetItem:
     data: bytes | None = None  # image bytes from a table
 
     def read(self) -> bytes:
-        if self.data is not None:
-            return self.data
+        if self.path is None:
+            return self.data or b""
         return Path(self.path).read_bytes()
 
 
@@ -160,8 +161,8 @@ def expand(
 
 
 def _expand(path: Path, base: Path, glob: str, column: str | None) -> Iterator[DatasetItem]:
-    if "://" in str(path):
-        raise KilnError(f"{path} is a URI: read it with --engine ray (any source Ray Data reads).")
+    if is_uri(str(path)):
+        raise KilnError(f"{path} is a URI: read it with --engine ray (any file source Ray Data reads).")
     if path.is_dir():
         root = path.absolute()
         for file in sorted(root.glob(glob)):
@@ -179,6 +180,11 @@ def _expand(path: Path, base: Path, glob: str, column: str | None) -> Iterator[D
         yield _file_item(path.absolute(), base, None)  # a missing image fails, and is listed, when read
     else:
         raise ImageInputError(f"{path} does not exist: pass image files, folders, .txt lists or tables.")
+
+
+def is_uri(text: str) -> bool:
+    """A source path with a scheme (s3://, gs://, file://): read by the Ray engine, not listed here."""
+    return "://" in text
 
 
 def _file_item(file: Path, base: Path, relative: str | None) -> DatasetItem:
@@ -285,8 +291,10 @@ def _decode(item: DatasetItem, data: bytes) -> Image.Image:
             f"over Pillow's decompression-bomb limit ({error}): if you trust the image, raise the limit with "
             "KILN_MAX_IMAGE_PIXELS=PIXELS."
         ) from error
-    except (OSError, SyntaxError, ValueError) as error:
+    except Image.UnidentifiedImageError as error:
         raise ImageInputError(f"not an image Pillow can read, or its header is corrupt ({error}).") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageInputError(f"corrupt or truncated and cannot be decoded ({error}).") from error
     return ImageOps.exif_transpose(load_images([opened])[0])
 
 
@@ -482,12 +490,16 @@ class Engine(Protocol):
     """What runs a job's images: one result record per item (state DONE, FAILED or CAPTIONED), any order;
     a record may repeat (a retried batch), the journal keeps it once."""
 
+    reads_uris: ClassVar[bool]  # whether inputs may be source URIs the engine lists itself
+
     def run(self, job: CaptionJob, items: list[DatasetItem], done: set) -> Iterator[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
 class LocalEngine:
     """Caption in this process; the next batch is read and preprocessed on a thread meanwhile."""
+
+    reads_uris: ClassVar[bool] = False
 
     def run(self, job: CaptionJob, items: list[DatasetItem], done: set) -> Iterator[dict[str, Any]]:
         """One result record per item (see prepare and caption_records), in item order."""
@@ -515,7 +527,7 @@ def run_job(job: CaptionJob, engine: Engine, progress: Progress | None = None) -
         )
     check_output(job.out)
     settings = _settings(job)
-    items = discover(job.inputs, job.out, job.glob, job.image_column)
+    items, total = _items(job, engine)
     journal = Journal(job.out, settings, job.overwrite, job.chunk_size)
     keys: dict[str, str] = {}
     counts = dict.fromkeys((DONE, CAPTIONED, FAILED), 0)
@@ -526,14 +538,24 @@ def run_job(job: CaptionJob, engine: Engine, progress: Progress | None = None) -
                 counts[record["state"]] += 1
             keys[record["file_name"]] = record["sha256"]
             if progress is not None:
-                progress(len(keys), len(items))
+                progress(len(keys), total)
     finally:
         journal.flush()
     _check_complete(items, keys)
     _, failed = journal.finish(keys)
     path = failed_path(job.out) if failed else None
     seconds = time.perf_counter() - start
-    return DatasetSummary(len(items), counts[CAPTIONED], counts[DONE], len(failed), seconds, job.out, path)
+    return DatasetSummary(len(keys), counts[CAPTIONED], counts[DONE], len(failed), seconds, job.out, path)
+
+
+def _items(job: CaptionJob, engine: Engine) -> tuple[list[DatasetItem], int | None]:
+    """The images listed here, and the job's image count (None when a source URI is listed by the engine)."""
+    uris = [text for text in job.inputs if is_uri(text)]
+    if uris and not engine.reads_uris:
+        raise KilnError(f"{uris[0]} is a URI: read it with --engine ray (any file source Ray Data reads).")
+    paths = [text for text in job.inputs if not is_uri(text)]
+    items = discover(paths, job.out, job.glob, job.image_column) if paths else []
+    return items, None if uris else len(items)
 
 
 def _settings(job: CaptionJob) -> dict[str, Any]:

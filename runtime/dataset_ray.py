@@ -1,33 +1,45 @@
 """The Ray engine of dataset captioning (``kiln caption ... --engine ray``): the same job as a Ray Data
 pipeline, on a local Ray or an existing cluster. Needs ``pip install 'modelkiln[ray]'``.
 
-    read   from_items over the job's images (paths, or table bytes), or any source path Ray Data reads
-           (``s3://bucket/photos/``: its files; ``...parquet``: a table with an image-bytes column)
-    map_batches(prepare_batch)   CPU tasks: read, sha256, decode, preprocess (``datasets.prepare``)
+    read                         from_items over the images listed on the driver (files, folders,
+                                 lists, local tables of paths or bytes), and read_binary_files over
+                                 each source URI (``s3://bucket/photos/``, ``gs://``, ``file:///``)
+    map_batches(prepare_batch)   CPU tasks: read, sha256, decode, preprocess (``dataset_core.prepare``)
     map_batches(CaptionActor)    an actor pool, one captioning pipeline per actor, loaded once
-                                 (``datasets.caption_records``)
+                                 (``dataset_core.caption_records``)
     iter_batches                 captions (a few dozen bytes an image) stream back to the driver,
                                  whose journal makes the output exactly as the local engine does
 
-Ray only schedules: the captioning core is ``modelkiln.runtime.datasets``'s. An actor that dies is
-restarted by Ray and its batch retried; a batch seen twice is journaled once (same key).
+Ray only schedules: the captioning core is ``modelkiln.runtime.dataset_core``'s. An actor that dies is
+restarted by Ray and its batch retried; a batch seen twice is journaled once (same key). A URI's images
+are named by their path below it; they are not listed up front, so the progress bar has no total.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray  # at the top: this module is the Ray engine, imported only when it is asked for
 import ray.data
 
-from .dataset_core import CaptionJob, DatasetItem, PipelineSpec, caption_records, prepare
+from .dataset_core import (
+    IMAGE_SUFFIXES,
+    CaptionJob,
+    DatasetItem,
+    PipelineSpec,
+    caption_records,
+    is_uri,
+    prepare,
+)
 from .images import ImagePreprocessor
 
-# CPUs a decode task asks for: a fraction, so decoding still runs when the actors hold every CPU (on a
-# 2-core machine, 2 actors of 1 CPU each); Ray Data's backpressure bounds how many run at once.
+# CPUs a read or decode task asks for: none, so reading and decoding still run when the caption actors
+# hold every CPU (on a 2-core machine, 2 actors of 1 CPU each), where asking for any would wait forever;
+# Ray Data's backpressure bounds how many run at once.
 DECODE_CPUS = 0
 # Images per decode task at most: large enough that task overhead (a few ms) is small next to decoding
 # them; fewer when that would leave a caption actor without a block to start on.
@@ -55,8 +67,8 @@ def run(
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
         spec = PipelineSpec(job.pipeline.artifact, job.pipeline.backend, threads_per_worker)
         preprocess = ImagePreprocessor.from_dir(spec.artifact)
-        rows_per_block = _rows_per_block(len(items), workers)
-        dataset = _source(items, rows_per_block).map_batches(
+        rows_per_block = _rows_per_block(len(items), workers) if items else DECODE_BATCH
+        dataset = _source(job, items, rows_per_block).map_batches(
             prepare_batch,
             batch_size=rows_per_block,  # one decode task per block: no coalescing into fewer, larger ones
             fn_kwargs={"preprocess": preprocess, "done": done},
@@ -89,9 +101,37 @@ def _rows_per_block(count: int, workers: int) -> int:
     return max(1, min(DECODE_BATCH, -(-count // (2 * workers))))
 
 
-def _source(items: list[DatasetItem], rows_per_block: int) -> ray.data.Dataset:
-    rows = [{"file_name": item.file_name, "path": item.path, "data": item.data} for item in items]
-    return ray.data.from_items(rows, override_num_blocks=-(-len(rows) // rows_per_block))
+def _source(job: CaptionJob, items: list[DatasetItem], rows_per_block: int) -> ray.data.Dataset:
+    """Rows of file_name, path ("" for bytes) and data (b"" for paths): the listed items, then each URI's."""
+    rows = [
+        {"file_name": item.file_name, "path": item.path or "", "data": item.data or b""} for item in items
+    ]
+    sources = [_files(uri) for uri in job.inputs if is_uri(uri)]
+    if rows:
+        sources.insert(0, ray.data.from_items(rows, override_num_blocks=-(-len(rows) // rows_per_block)))
+    return sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+
+
+def _files(uri: str) -> ray.data.Dataset:
+    """The image files under a source URI; file_name is the path below it (the file's name for a file)."""
+    extensions = [suffix[1:] for suffix in sorted(IMAGE_SUFFIXES)]
+    extensions += [extension.upper() for extension in extensions]
+    files = ray.data.read_binary_files(
+        uri, include_paths=True, file_extensions=extensions, num_cpus=DECODE_CPUS
+    )
+    root = uri.split("://", 1)[1].rstrip("/")  # Ray Data's paths drop the scheme
+    return files.map_batches(_file_rows, fn_kwargs={"root": root}, batch_format="numpy", num_cpus=DECODE_CPUS)
+
+
+def _file_rows(batch: dict[str, np.ndarray], root: str) -> dict[str, list]:
+    rows = {"file_name": [], "path": [], "data": []}
+    for path, data in zip(map(str, batch["path"]), batch["bytes"], strict=True):
+        name = path[len(root) + 1 :] if path.startswith(root + "/") else Path(path).name
+        if not any(part.startswith(".") for part in name.split("/")):  # as a local folder: no hidden files
+            rows["file_name"].append(name)
+            rows["path"].append("")
+            rows["data"].append(data)
+    return rows
 
 
 def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
@@ -109,15 +149,11 @@ def prepare_batch(batch: dict[str, np.ndarray], preprocess: ImagePreprocessor, d
     """The decode stage: ``datasets.prepare`` on every row; pixels travel as .npy bytes (any shape)."""
     records = []
     for row in _records(batch):
-        item = DatasetItem(str(row["file_name"]), path=_optional(row["path"]), data=_optional(row["data"]))
+        item = DatasetItem(str(row["file_name"]), path=str(row["path"]) or None, data=bytes(row["data"]))
         record = prepare(item, preprocess, done)
         record["pixels"] = b"" if record["pixels"] is None else _to_npy(record["pixels"])
         records.append(record)
     return {name: [record[name] for record in records] for name in records[0]}
-
-
-def _optional(value: Any) -> Any:
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
 def _to_npy(array: np.ndarray) -> bytes:

@@ -6,7 +6,8 @@
 
 Inputs are image files, folders (searched recursively with ``glob``), ``.txt`` files of image paths (one
 a line, relative to the list's folder), or ``.jsonl``/``.parquet`` tables with an image column holding
-paths, image bytes, or Hugging Face ``{"bytes", "path"}`` image structs. The output is chosen by its
+paths, image bytes, or Hugging Face ``{"bytes", "path"}`` image structs; the Ray engine also reads source
+URIs (``s3://bucket/photos/``, ``gs://``, ``file://``), naming each image by its path below the URI. The output is chosen by its
 extension: ``metadata.jsonl`` (``file_name`` and ``text``, what ``datasets``' ``imagefolder`` and
 diffusers' training scripts read), ``.parquet`` or ``.csv`` with the same two columns.
 
@@ -39,7 +40,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from modelkiln.errors import KilnError
 
@@ -79,6 +80,8 @@ class RayEngine:
     threads_per_worker: int = 1  # CPUs each actor reserves and onnxruntime threads it runs
     address: str | None = None  # an existing cluster ("auto", "ray://host:10001"); None: a local Ray
     actor: type | None = None  # the class map_batches runs per worker; None: dataset_ray.CaptionActor
+
+    reads_uris: ClassVar[bool] = True  # s3://, gs://, file://...: files Ray Data lists and reads
 
     def run(self, job: CaptionJob, items: list[DatasetItem], done: set) -> Iterator[dict[str, Any]]:
         """One result record per image, in any order (see LocalEngine.run)."""

@@ -3,6 +3,7 @@ engine image for image, and every image exactly once when an actor dies mid-run.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -58,6 +59,19 @@ def test_ray_engine_gives_the_local_engines_captions(local_ray, dataset):
     assert (summary.total, summary.captioned, summary.failed) == (62, 60, 2)
     assert summary.out.read_text() == expected
     assert summary.failed_file.read_text() == failed
+
+
+def test_a_source_uri_is_listed_and_read_by_ray(local_ray, dataset):
+    folder, artifact, expected, failed = dataset
+    summary = caption_dataset(artifact, f"file://{folder}", folder / "uri.jsonl", engine=RayEngine(workers=2))
+    assert (summary.total, summary.captioned) == (62, 60)  # named by their path below the URI: the same
+    assert summary.out.read_text() == expected
+    # Read from bytes, not from a path: the same images fail for the same reason, worded without the path.
+    as_bytes = [json.loads(line) for line in summary.failed_file.read_text().splitlines()]
+    assert [row["file_name"] for row in as_bytes] == [
+        json.loads(line)["file_name"] for line in failed.splitlines()
+    ]
+    assert all("corrupt or truncated and cannot be decoded" in row["error"] for row in as_bytes)
 
 
 class CrashOnce(CaptionActor):
