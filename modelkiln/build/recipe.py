@@ -20,6 +20,7 @@ from typing import Any
 
 from modelkiln.errors import KilnError
 from modelkiln.exporters.diffusion import Lora
+from modelkiln.exporters.targets import get_target
 from modelkiln.quantize.schemes import get_scheme, resolve_options
 from modelkiln.registry import get_family
 
@@ -56,6 +57,9 @@ class ExportRecipe:
     without: tuple[str, ...] = ()  # diffusion: optional components left out (SD3: text_encoder_3)
     fuse_attention: bool = (
         True  # onnxruntime's MultiHeadAttention in the graphs that declare it; false: standard ops only
+    )
+    target: str = (
+        "onnxruntime"  # what the graphs are for: onnxruntime, portable or tensorrt (`kiln export --target`)
     )
 
 
@@ -259,9 +263,10 @@ def _example(hint: type) -> str:
 
 
 def _check_recipe(recipe: Recipe) -> None:
-    """Checks across keys, made before any work: family, variant names, schemes, options, gates."""
+    """Checks across keys, made before any work: family, target, variant names, schemes, options, gates."""
     if recipe.source.family is not None:
         _reword(lambda: get_family(recipe.source.family), recipe.path, "family in section source")
+    _reword(lambda: get_target(recipe.export.target), recipe.path, "target in section export")
     names = [variant.name for variant in recipe.variants]
     for index, variant in enumerate(recipe.variants):
         where = f"variants entry #{index + 1} ({variant.name})"

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 def _inspect_lines(manifest) -> list[str]:
     lines = [
         f"family     {manifest.family} ({manifest.task}), kind {manifest.kind}, "
-        f"precision {manifest.precision}, opset {manifest.opset}",
+        f"precision {manifest.precision}, opset {manifest.opset}, target {manifest.target}",
         f"source     {manifest.source.model} (weights sha256 {manifest.source.weights_sha256[:16]}...)",
         f"tools      {', '.join(f'{k} {v}' for k, v in manifest.tools.items())}",
     ]

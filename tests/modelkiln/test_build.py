@@ -181,6 +181,7 @@ BAD_RECIPES = {
     '[[variants]]\nname = "a"\nschem = "fp16"': r"unknown key 'schem' in variants entry #1\. Valid keys: name, scheme",
     "[bench]\nrepeats = true": r"repeats in section bench must be an integer, got true",
     "[validate]\nbeams = [0]": r"beams in section validate must be at least 1, got 0",
+    '[export]\ntarget = "trt"': r"target in section export: unknown target 'trt'\. Valid targets: onnxruntime, portable",
     '[[variants]]\nname = "a"\nscheme = "int4-weight"\noptions = { block_size = "64" }': r"option block_size takes an integer",
     '[[variants]]\nname = "a"\nscheme = "int8"': r"unknown scheme 'int8'\. Valid schemes: int8-dynamic",
     '[[variants]]\nname = "a"\nscheme = "fp16"\ngates = { agreement = 1 }': r"gate 'agreement' is neither min_",
