@@ -305,13 +305,17 @@ class TextToImagePipeline(abc.ABC):
         uncond, text = noise.chunk(2)
         return uncond + request.guidance_scale * (text - uncond)
 
-    def tokenize(self, folder: str, texts: list[str], length: int) -> np.ndarray:
-        """Token ids padded and truncated to ``length``, as the diffusers pipelines tokenize."""
+    def tokenizer(self, folder: str):
+        """The shipped tokenizer in ``folder``, loaded once."""
         if folder not in self._tokenizers:
             from transformers import AutoTokenizer
 
             self._tokenizers[folder] = AutoTokenizer.from_pretrained(self.directory / folder)
-        tokens = self._tokenizers[folder](texts, padding="max_length", max_length=length, truncation=True)
+        return self._tokenizers[folder]
+
+    def tokenize(self, folder: str, texts: list[str], length: int) -> np.ndarray:
+        """Token ids padded and truncated to ``length``, as the diffusers pipelines tokenize."""
+        tokens = self.tokenizer(folder)(texts, padding="max_length", max_length=length, truncation=True)
         return np.asarray(tokens["input_ids"], dtype=np.int64)
 
     def run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:

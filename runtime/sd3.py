@@ -51,11 +51,14 @@ class SD3Pipeline(TextToImagePipeline):
 
     def _encode_texts(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
         pooled, hidden = [], []
+        # As diffusers: both CLIP prompts are padded to the first tokenizer's model_max_length (77 for
+        # CLIP-L; shorter for a model trained with a shorter context, as the shipped shapes pipeline).
+        clip_length = self.tokenizer("tokenizer").model_max_length
         for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            pooled_embeds, states = self.run(encoder, input_ids=self.tokenize(tokenizer, texts, CLIP_LENGTH))
+            pooled_embeds, states = self.run(encoder, input_ids=self.tokenize(tokenizer, texts, clip_length))
             pooled.append(pooled_embeds)
             hidden.append(states)
-        clip = np.concatenate(hidden, axis=-1)  # [B, 77, D_L + D_G]
+        clip = np.concatenate(hidden, axis=-1)  # [B, clip_length, D_L + D_G]
         if self.config["has_t5"]:
             (t5,) = self.run("text_encoder_3", input_ids=self.tokenize("tokenizer_3", texts, length))
         else:

@@ -46,11 +46,8 @@ class PromptAccuracyConfig:
     steps: int = 28  # denoising steps per image
     guidance: float = 7.0  # classifier-free guidance scale
     side: int = 48  # image side in pixels
-    latent_shape: tuple[int, int, int] = (
-        4,
-        12,
-        12,
-    )  # one image's latents at ``side`` (the fixture's VAE: 4x)
+    # One image's latents at ``side``: the fixture's VAE halves each side into 4 channels.
+    latent_shape: tuple[int, int, int] = (4, 24, 24)
 
 
 def prompt_sample(count: int | None) -> list[shapes.Attributes]:
