@@ -72,12 +72,7 @@ class PipelineSpec:
         # Here, not at the top: modelkiln.runtime's __init__ imports this module (via datasets) for its API.
         from modelkiln.runtime import load
 
-        pipe = load(self.artifact, backend=self.backend, threads=self.threads)
-        if pipe.task != "image-to-text":
-            raise KilnError(
-                f"{self.artifact} is a {pipe.task} artifact; caption datasets with an image-to-text one."
-            )
-        return pipe
+        return load(self.artifact, backend=self.backend, threads=self.threads)
 
 
 @dataclass(frozen=True)
@@ -364,6 +359,8 @@ class Journal:
 
     def _open(self, settings: dict[str, Any]) -> None:
         job_file = self.folder / "job.json"
+        for stale in self.folder.glob(".*.tmp"):  # chunks a killed run was still writing
+            stale.unlink()
         if job_file.is_file():
             before = json.loads(job_file.read_text(encoding="utf-8"))
             if before != settings:
@@ -381,8 +378,6 @@ class Journal:
                 "choose another --out."
             )
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".*.tmp"):  # chunks a killed run was still writing
-            stale.unlink()
         _write_atomically(job_file, json.dumps(settings, sort_keys=True))
 
     def done_keys(self) -> set[tuple[str, str]]:
@@ -561,6 +556,10 @@ def _items(job: CaptionJob, engine: Engine) -> tuple[list[DatasetItem], int | No
 def _settings(job: CaptionJob) -> dict[str, Any]:
     """What the captions depend on: a journal made with other settings cannot be continued."""
     manifest = read_manifest(job.pipeline.artifact)  # an ArtifactError here, before any file is written
+    if manifest.task != "image-to-text":
+        raise KilnError(
+            f"{job.pipeline.artifact} is a {manifest.task} artifact: caption datasets with an image-to-text one."
+        )
     identity = hashlib.sha256(json.dumps(manifest.files, sort_keys=True).encode()).hexdigest()
     settings = {"artifact": identity, "prompt": job.prompt, "generation": job.generation}
     return json.loads(json.dumps(settings))

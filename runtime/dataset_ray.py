@@ -73,6 +73,7 @@ def run(
             batch_size=rows_per_block,  # one decode task per block: no coalescing into fewer, larger ones
             fn_kwargs={"preprocess": preprocess, "done": done},
             num_cpus=DECODE_CPUS,
+            concurrency=workers,  # asking for no CPU leaves nothing else to bound the decode processes
         )
         captions = dataset.map_batches(
             actor or CaptionActor,

@@ -7,6 +7,7 @@ tests/modelkiln/test_cli_caption.py.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow
 import pyarrow.parquet
@@ -69,9 +70,11 @@ def test_rerun_resumes_and_recaptions_only_changed_images(artifact, photos, tmp_
     out = tmp_path / "captions.jsonl"
     first = caption_dataset(artifact, copy, out, chunk_size=4)
     before = out.read_text()
+    stale = tmp_path / ".captions.jsonl.parts" / ".part-1.jsonl.0f0f.tmp"  # a chunk a kill cut short
+    stale.write_text('{"file_name": "sub/shape_000.png", "sha')
     again = caption_dataset(artifact, copy, out, chunk_size=4)
     assert (first.captioned, again.captioned, again.resumed) == (24, 0, 24)
-    assert out.read_text() == before
+    assert out.read_text() == before and not stale.exists()
     # New bytes under an old name are captioned once more, and replace the old row.
     changed = sorted(truths)[0]
     (copy / changed).write_bytes((folder / sorted(truths)[1]).read_bytes())
@@ -126,6 +129,14 @@ def test_bad_requests(artifact, photos, tmp_path):
     (tmp_path / "table.jsonl").write_text(json.dumps({"caption": "x"}) + "\n")
     with pytest.raises(KilnError, match="no image column image / file_name"):
         caption_dataset(artifact, tmp_path / "table.jsonl", tmp_path / "t.jsonl")
+    text_to_image = tmp_path / "not-a-captioner"
+    shutil.copytree(artifact, text_to_image)
+    manifest = json.loads((text_to_image / "manifest.json").read_text())
+    (text_to_image / "manifest.json").write_text(json.dumps(manifest | {"task": "text-to-image"}))
+    with pytest.raises(
+        KilnError, match="is a text-to-image artifact: caption datasets with an image-to-text"
+    ):
+        caption_dataset(text_to_image, folder, tmp_path / "t2i.jsonl")
     with pytest.raises(KilnError, match=r"unknown engine 'spark'\. Valid engines: local, ray"):
         caption_dataset(artifact, folder, tmp_path / "e.jsonl", engine="spark")
 
