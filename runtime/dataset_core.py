@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -40,9 +40,11 @@ __all__ = [
     "caption_records",
     "discover",
     "expand",
+    "image_column",
     "is_uri",
     "prepare",
     "run_job",
+    "table_item",
 ]
 
 # What a folder search picks up (lower-cased suffixes); everything else in the folder is left alone.
@@ -214,27 +216,38 @@ TABLE_READERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
 
 def _table_items(path: Path, base: Path, column: str | None) -> Iterator[DatasetItem]:
     rows = TABLE_READERS[path.suffix.lower()](path)
-    names = list(rows[0]) if rows else []
+    chosen = image_column(str(path), list(rows[0]) if rows else [], column)
+    for row in rows:
+        yield table_item(row, chosen, str(path.absolute()), base)
+
+
+def image_column(table: str, names: list[str], column: str | None) -> str:
+    """The table's column of image paths or bytes: the one named, else the first of IMAGE_COLUMNS."""
     chosen = column or next((name for name in IMAGE_COLUMNS if name in names), None)
     if chosen not in names:
         raise KilnError(
-            f"{path} has no image column {column or ' / '.join(IMAGE_COLUMNS)} (its columns: "
+            f"{table} has no image column {column or ' / '.join(IMAGE_COLUMNS)} (its columns: "
             f"{', '.join(names) or 'none'}): name the column of paths or bytes with --image-column."
         )
-    for index, row in enumerate(rows):
-        # A Hugging Face Image feature is a {"bytes": ..., "path": ...} struct; take its bytes when it has them.
-        struct = row[chosen] if isinstance(row.get(chosen), dict) else {}
-        value = (struct.get("bytes") or struct.get("path")) if struct else row.get(chosen)
-        if isinstance(value, bytes):
-            name = row.get("file_name") if chosen != "file_name" else None
-            yield DatasetItem(name or struct.get("path") or f"{path.name}#{index}", data=value)
-        elif isinstance(value, str) and value:
-            yield _file_item(path.absolute().parent / value, base, None)
-        else:
-            raise KilnError(
-                f"{path} row {index}: column {chosen} holds {type(value).__name__}, not a path or image "
-                "bytes: fix the row or name another column with --image-column."
-            )
+    return chosen
+
+
+def table_item(row: dict[str, Any], column: str, table: str, base: Path) -> DatasetItem:
+    """One table row's image. Bytes are named by the row's file_name column, else their Hugging Face
+    struct's path, else TABLE#(sha256 prefix); a path is relative to the table's folder."""
+    # A Hugging Face Image feature is a {"bytes": ..., "path": ...} struct; take its bytes when it has them.
+    struct = row[column] if isinstance(row.get(column), dict) else {}
+    value = (struct.get("bytes") or struct.get("path")) if struct else row.get(column)
+    if isinstance(value, bytes):
+        name = row.get("file_name") if column != "file_name" else None
+        fallback = f"{Path(table).name}#{hashlib.sha256(value).hexdigest()[:16]}"
+        return DatasetItem(name or struct.get("path") or fallback, data=value)
+    if isinstance(value, str) and value:
+        return _file_item(Path(table).parent / value, base, None)
+    raise KilnError(
+        f"{table}: a row's {column} holds {type(value).__name__}, not a path or image bytes: fix the row "
+        "or name another column with --image-column."
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -485,7 +498,9 @@ class Engine(Protocol):
     """What runs a job's images: one result record per item (state DONE, FAILED or CAPTIONED), any order;
     a record may repeat (a retried batch), the journal keeps it once."""
 
-    reads_uris: ClassVar[bool]  # whether inputs may be source URIs the engine lists itself
+    def lists(self, source: str) -> bool:
+        """Whether the engine reads this input itself (else the job lists its images up front)."""
+        ...
 
     def run(self, job: CaptionJob, items: list[DatasetItem], done: set) -> Iterator[dict[str, Any]]: ...
 
@@ -494,7 +509,8 @@ class Engine(Protocol):
 class LocalEngine:
     """Caption in this process; the next batch is read and preprocessed on a thread meanwhile."""
 
-    reads_uris: ClassVar[bool] = False
+    def lists(self, source: str) -> bool:
+        return False
 
     def run(self, job: CaptionJob, items: list[DatasetItem], done: set) -> Iterator[dict[str, Any]]:
         """One result record per item (see prepare and caption_records), in item order."""
@@ -544,13 +560,11 @@ def run_job(job: CaptionJob, engine: Engine, progress: Progress | None = None) -
 
 
 def _items(job: CaptionJob, engine: Engine) -> tuple[list[DatasetItem], int | None]:
-    """The images listed here, and the job's image count (None when a source URI is listed by the engine)."""
-    uris = [text for text in job.inputs if is_uri(text)]
-    if uris and not engine.reads_uris:
-        raise KilnError(f"{uris[0]} is a URI: read it with --engine ray (any file source Ray Data reads).")
-    paths = [text for text in job.inputs if not is_uri(text)]
+    """The images listed here, and the job's image count (None when the engine lists some itself)."""
+    own = [text for text in job.inputs if engine.lists(text)]
+    paths = [text for text in job.inputs if not engine.lists(text)]
     items = discover(paths, job.out, job.glob, job.image_column) if paths else []
-    return items, None if uris else len(items)
+    return items, None if own else len(items)
 
 
 def _settings(job: CaptionJob) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 pipeline, on a local Ray or an existing cluster. Needs ``pip install 'modelkiln[ray]'``.
 
     read                         from_items over the images listed on the driver (files, folders,
-                                 lists, local tables of paths or bytes), and read_binary_files over
-                                 each source URI (``s3://bucket/photos/``, ``gs://``, ``file:///``)
+                                 lists, JSONL tables), read_parquet over each Parquet table (local or
+                                 remote: bytes, image structs, or paths the workers can open), and
+                                 read_binary_files over each source URI (``s3://bucket/photos/``,
+                                 ``gs://``, ``file:///``)
     map_batches(prepare_batch)   CPU tasks: read, sha256, decode, preprocess (``dataset_core.prepare``)
     map_batches(CaptionActor)    an actor pool, one captioning pipeline per actor, loaded once
                                  (``dataset_core.caption_records``)
@@ -12,7 +14,8 @@ pipeline, on a local Ray or an existing cluster. Needs ``pip install 'modelkiln[
 
 Ray only schedules: the captioning core is ``modelkiln.runtime.dataset_core``'s. An actor that dies is
 restarted by Ray and its batch retried; a batch seen twice is journaled once (same key). A URI's images
-are named by their path below it; they are not listed up front, so the progress bar has no total.
+are named by their path below it; they and tables' rows are not counted up front, so the progress bar
+has no total then.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from .dataset_core import (
     DatasetItem,
     PipelineSpec,
     caption_records,
+    image_column,
     is_uri,
     prepare,
+    table_item,
 )
 from .images import ImagePreprocessor
 
@@ -107,10 +112,39 @@ def _source(job: CaptionJob, items: list[DatasetItem], rows_per_block: int) -> r
     rows = [
         {"file_name": item.file_name, "path": item.path or "", "data": item.data or b""} for item in items
     ]
-    sources = [_files(uri) for uri in job.inputs if is_uri(uri)]
+    sources = [
+        _parquet(job, text) if _is_table(text) else _files(text) for text in job.inputs if _listed_here(text)
+    ]
     if rows:
         sources.insert(0, ray.data.from_items(rows, override_num_blocks=-(-len(rows) // rows_per_block)))
     return sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+
+
+def _is_table(source: str) -> bool:
+    return source.lower().rstrip("/").endswith(".parquet")
+
+
+def _listed_here(source: str) -> bool:
+    """The inputs RayEngine.lists: source URIs and Parquet tables."""
+    return is_uri(source) or _is_table(source)
+
+
+def _parquet(job: CaptionJob, source: str) -> ray.data.Dataset:
+    """A Parquet table's rows, read in tasks: bytes, Hugging Face image structs or paths the workers open."""
+    table = source if is_uri(source) else str(Path(source).absolute())  # workers run in another folder
+    rows = ray.data.read_parquet(table, num_cpus=DECODE_CPUS)
+    column = image_column(source, rows.schema().names, job.image_column)
+    options = {"column": column, "table": table, "base": job.out.parent}
+    return rows.map_batches(_table_rows, fn_kwargs=options, batch_format="pyarrow", num_cpus=DECODE_CPUS)
+
+
+def _table_rows(batch, column: str, table: str, base: Path) -> dict[str, list]:
+    items = [table_item(row, column, table, base) for row in batch.to_pylist()]
+    return {
+        "file_name": [item.file_name for item in items],
+        "path": [item.path or "" for item in items],
+        "data": [item.data or b"" for item in items],
+    }
 
 
 def _files(uri: str) -> ray.data.Dataset:

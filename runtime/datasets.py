@@ -7,13 +7,15 @@
 Inputs are image files, folders (searched recursively with ``glob``), ``.txt`` files of image paths (one
 a line, relative to the list's folder), or ``.jsonl``/``.parquet`` tables with an image column holding
 paths, image bytes, or Hugging Face ``{"bytes", "path"}`` image structs; the Ray engine also reads source
-URIs (``s3://bucket/photos/``, ``gs://``, ``file://``), naming each image by its path below the URI. The output is chosen by its
+URIs (``s3://bucket/photos/``, ``gs://``, ``file://``), naming each image by its path below the URI, and
+reads Parquet tables (local or remote) in its tasks instead of on the driver. The output is chosen by its
 extension: ``metadata.jsonl`` (``file_name`` and ``text``, what ``datasets``' ``imagefolder`` and
 diffusers' training scripts read), ``.parquet`` or ``.csv`` with the same two columns.
 
 ``file_name`` is the image's path relative to the output file's folder when the image lies inside it (so
 ``--out photos/metadata.jsonl`` over ``photos/`` is an imagefolder data set), else relative to the input
-folder it was found in, else its absolute path; table rows of bytes without a path are ``TABLE#ROW``.
+folder it was found in, else its absolute path; table rows of bytes without a name are
+``TABLE#SHA`` (the first 16 hex digits of the bytes' sha256).
 
 Nothing is lost and nothing is written twice: every result lands in a journal beside the output
 (``.NAME.parts/``, a folder of JSONL chunks each written whole with an atomic rename), keyed by
@@ -40,7 +42,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from modelkiln.errors import KilnError
 
@@ -53,6 +55,7 @@ from .dataset_core import (
     Progress,
     discover,
     expand,
+    is_uri,
     run_job,
 )
 
@@ -81,7 +84,9 @@ class RayEngine:
     address: str | None = None  # an existing cluster ("auto", "ray://host:10001"); None: a local Ray
     actor: type | None = None  # the class map_batches runs per worker; None: dataset_ray.CaptionActor
 
-    reads_uris: ClassVar[bool] = True  # s3://, gs://, file://...: files Ray Data lists and reads
+    def lists(self, source: str) -> bool:
+        """Source URIs (s3://, gs://, file://) and Parquet tables: Ray Data reads them in tasks."""
+        return is_uri(source) or source.lower().rstrip("/").endswith(".parquet")
 
     def run(self, job: CaptionJob, items: list[DatasetItem], done: set) -> Iterator[dict[str, Any]]:
         """One result record per image, in any order (see LocalEngine.run)."""

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pyarrow
+import pyarrow.parquet
 import pytest
 from dataset_images import add_broken_images, draw_folder, shapes_captioner
 
@@ -72,6 +74,22 @@ def test_a_source_uri_is_listed_and_read_by_ray(local_ray, dataset):
         json.loads(line)["file_name"] for line in failed.splitlines()
     ]
     assert all("corrupt or truncated and cannot be decoded" in row["error"] for row in as_bytes)
+
+
+def test_a_parquet_table_is_read_in_ray_tasks(local_ray, dataset, tmp_path):
+    folder, artifact, _, _ = dataset
+    names = sorted(path.name for path in folder.glob("shape_*.png"))[:8]
+    # Image structs as Hugging Face writes them: bytes without a name (named TABLE#SHA), and paths.
+    structs = [{"bytes": (folder / name).read_bytes(), "path": None} for name in names[:4]]
+    structs += [{"bytes": None, "path": str(folder / name)} for name in names[4:]]
+    pyarrow.parquet.write_table(pyarrow.table({"image": structs}), tmp_path / "images.parquet")
+    local = caption_dataset(artifact, tmp_path / "images.parquet", tmp_path / "local.jsonl")
+    ray_run = caption_dataset(
+        artifact, tmp_path / "images.parquet", tmp_path / "ray.jsonl", engine=RayEngine(workers=1)
+    )
+    assert (ray_run.total, ray_run.captioned) == (8, 8)
+    assert ray_run.out.read_text() == local.out.read_text()
+    assert "images.parquet#" in local.out.read_text()
 
 
 class CrashOnce(CaptionActor):
