@@ -90,6 +90,10 @@ class RayEngine:
 
     def run(self, job: CaptionJob, items: list[DatasetItem], done: set) -> Iterator[dict[str, Any]]:
         """One result record per image, in any order (see LocalEngine.run)."""
+        if job.pipeline.threads is not None:
+            raise KilnError(
+                "threads set one pipeline's threads; the Ray engine's are its threads_per_worker."
+            )
         from . import dataset_ray  # here, not at the top: Ray is optional (pip install 'modelkiln[ray]')
 
         options = {

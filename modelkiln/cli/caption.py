@@ -126,6 +126,10 @@ def _engine(args: argparse.Namespace):
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise KilnError(f"{flags} set the Ray engine: add --engine ray, or leave them out.")
         return get_engine(args.engine)
+    if args.threads is not None:
+        raise KilnError(
+            "--threads sets the local engine's threads: with --engine ray, use --threads-per-worker."
+        )
     options = {"workers": given.get("workers"), "address": given.get("ray_address")}
     return get_engine("ray", threads_per_worker=given.get("threads_per_worker", 1), **options)
 

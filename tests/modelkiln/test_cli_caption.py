@@ -89,6 +89,7 @@ def test_flags_that_do_not_fit(artifact, tmp_path, capsys):
     draw_folder(tmp_path, 1)
     cases = [
         (["--out", tmp_path / "m.jsonl", "--workers", "2"], "--workers set the Ray engine: add --engine ray"),
+        (["--out", tmp_path / "m.jsonl", "--engine", "ray", "--threads", "2"], "use --threads-per-worker"),
         (["--out", tmp_path / "m.txt"], "unknown format .txt"),
         (["--out", tmp_path / "missing" / "m.jsonl"], "does not exist; create it first"),
     ]
