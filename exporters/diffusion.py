@@ -267,7 +267,10 @@ def clip_component(name: str, encoder: nn.Module, kind: str) -> Component:
         "hidden": (TextHiddenStates, ("hidden_states",)),
     }
     wrapper, outputs = wrappers[kind]
-    return _text_component(name, wrapper(encoder), outputs, CLIP_LENGTH)
+    # Traced at the longest prompt it takes: CLIP's 77, or fewer for an encoder trained with a shorter
+    # context (the shipped shapes pipeline: 12), which refuses a longer example.
+    length = min(CLIP_LENGTH, encoder.config.max_position_embeddings)
+    return _text_component(name, wrapper(encoder), outputs, length)
 
 
 def t5_component(name: str, encoder: nn.Module, max_sequence_length: int) -> Component:

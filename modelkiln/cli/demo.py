@@ -1,4 +1,5 @@
-"""kiln demo: export, run and validate the shipped shapes captioner, with no download."""
+"""kiln demo: export, run and validate the shipped shapes captioner, then draw prompts with the shipped
+text-to-image pipeline and read them back, with no download."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from modelkiln.cli.common import console
 
-HELP = "export, run and validate the shipped shapes captioner"
+HELP = "export, run and validate the shipped captioner and text-to-image models"
 LOADS_MODELS = True  # exports and validates a PyTorch model: its libraries' progress bars are hidden
 
 

@@ -1,0 +1,117 @@
+"""The shipped text-to-image fixture: diffusers loads it as saved, it is small and pickle-free, it exports
+through the normal `kiln export` path, its artifact matches diffusers from identical latents, and the
+images it draws show their prompts (read back by the shipped captioner)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import shared_folder
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from modelkiln import runtime
+from modelkiln.cli import main
+from modelkiln.demo import contact_sheet
+from modelkiln.fixtures import TEXT_TO_IMAGE_DIR
+from modelkiln.metrics import psnr
+from modelkiln.validation import DiffusionValidateConfig, validate_diffusion
+from modelkiln.validation.prompt_accuracy import (
+    PromptAccuracyConfig,
+    measure_pipeline,
+    pipeline_generate,
+    prompt_sample,
+    seeded_latents,
+    shipped_reader,
+)
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+SAMPLE = PromptAccuracyConfig(prompts=12, batch=12)  # one of every colour, size, shape and background
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """The fixture exported the way a user exports any SD3 pipeline: ``kiln export --model DIR``."""
+
+    def export(folder):
+        assert main(["export", "--model", str(TEXT_TO_IMAGE_DIR), "--out", str(folder / "artifact")]) == 0
+
+    return shared_folder(tmp_path_factory, "shapes-sd3-art", export) / "artifact"
+
+
+@pytest.fixture(scope="module")
+def eager():
+    import diffusers
+
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(TEXT_TO_IMAGE_DIR)  # nothing passed: as saved
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_fixture_is_small_pickle_free_and_says_how_it_was_made():
+    files = [path for path in TEXT_TO_IMAGE_DIR.rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) <= 10 * 1024 * 1024
+    assert not {path.suffix for path in files} & PICKLE_SUFFIXES
+    record = json.loads((TEXT_TO_IMAGE_DIR / "training.json").read_text())
+    assert record["command"].startswith("python -m modelkiln.fixtures.train_text_to_image")
+    # The shipped run reads back 49% of prompts exactly (shape 55%, size 83%): below the 80% goal, so its
+    # record says so; this bar catches a fixture replaced by an untrained or broken one.
+    accuracy = record["prompt_accuracy"]
+    assert (
+        accuracy["prompts"] == 138
+        and accuracy["exact"] >= 0.4
+        and accuracy["attributes"]["background"] >= 0.9
+    )
+
+
+def test_diffusers_loads_the_real_sd3_classes(eager):
+    assert type(eager.transformer).__name__ == "SD3Transformer2DModel"
+    assert type(eager.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert (
+        type(eager.text_encoder).__name__
+        == type(eager.text_encoder_2).__name__
+        == "CLIPTextModelWithProjection"
+    )
+    assert eager.tokenizer("a small red circle on a white background")["input_ids"][1:-1] == [
+        eager.tokenizer.get_vocab()[word]
+        for word in ["a", "small", "red", "circle", "on", "a", "white", "background"]
+    ]
+
+
+def test_artifact_matches_diffusers_from_identical_latents(artifact):
+    prompts = ("a small red circle on a white background", "a large blue triangle on a gray background")
+    config = DiffusionValidateConfig(steps=4, height=48, width=48, prompts=prompts, update_manifest=False)
+    report = validate_diffusion(artifact, str(TEXT_TO_IMAGE_DIR), config)
+    assert report["passed"], report
+
+
+def test_onnx_draws_the_same_images_as_diffusers_and_they_show_their_prompts(artifact, eager):
+    read = shipped_reader()
+    prompts = [a.caption for a in prompt_sample(SAMPLE.prompts)]
+    latents = np.stack([seeded_latents(SAMPLE.seed + i, SAMPLE.latent_shape) for i in range(len(prompts))])
+    onnx_images = pipeline_generate(runtime.load(artifact), SAMPLE)(prompts, latents)
+    eager_images = pipeline_generate(eager, SAMPLE)(prompts, latents)
+    worst = min(
+        psnr(np.asarray(a) / 255.0, np.asarray(b) / 255.0)
+        for a, b in zip(onnx_images, eager_images, strict=True)
+    )
+    assert worst >= 40, worst
+    assert read(onnx_images) == read(eager_images)
+    report = measure_pipeline(runtime.load(artifact), read, SAMPLE)
+    # Backgrounds and colours are what the fixture draws best (98% and 90% over all 138 prompts); a broken
+    # pipeline (wrong latents, scaling, text conditioning) loses those first.
+    assert report["attributes"]["background"] >= 0.8 and report["attributes"]["colour"] >= 0.6, report
+    assert report["exact"] >= 0.2, report["misses"]
+
+
+def test_contact_sheet_shows_every_image_with_its_prompt():
+    images = [Image.new("RGB", (48, 48), colour) for colour in ("red", "blue")]
+    sheet = contact_sheet(images, ["a", "b"], ["a", "x"])
+    assert sheet.height > 48 * 3 and sheet.width >= 2 * 48 * 3
+    pixels = np.asarray(sheet)
+    assert (pixels[:144] == (255, 0, 0)).all(axis=-1).any() and (pixels[:144] == (0, 0, 255)).all(
+        axis=-1
+    ).any()
