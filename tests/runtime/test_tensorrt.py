@@ -198,7 +198,8 @@ def test_missing_tensorrt_is_one_line_naming_the_install(target_artifact, tmp_pa
     _, onnx_artifact = target_artifact("vit-gpt2", "tensorrt")
     _engine_artifact(onnx_artifact, tmp_path / "engines", ENGINE)
     with pytest.raises(
-        KilnError, match=r"^TensorRT is not installed here .*pip install 'modelkiln\[tensorrt\]' .*NVIDIA GPU\.$"
+        KilnError,
+        match=r"^TensorRT is not installed here .*pip install 'modelkiln\[tensorrt\]' .*NVIDIA GPU\.$",
     ):
         runtime.load(tmp_path / "engines", backend="tensorrt")
     with pytest.raises(
