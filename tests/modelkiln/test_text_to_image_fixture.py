@@ -115,3 +115,29 @@ def test_contact_sheet_shows_every_image_with_its_prompt():
     assert (pixels[:144] == (255, 0, 0)).all(axis=-1).any() and (pixels[:144] == (0, 0, 255)).all(
         axis=-1
     ).any()
+
+
+def test_quantize_reports_prompt_accuracy_of_variant_and_parent_and_gates_on_it(artifact, tmp_path):
+    from modelkiln.errors import ValidationFailedError
+    from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
+
+    fast = {"num_prompts": 1, "quality_steps": 1, "image_size": 48, "prompt_accuracy_prompts": 4}
+    quality = quantize_artifact(
+        artifact, tmp_path / "v", QuantizeConfig("int8-dynamic", **fast)
+    ).quantization["quality"]
+    for prefix in ("prompt_accuracy", "parent_prompt_accuracy"):
+        figures = [quality[prefix]] + [
+            quality[f"{prefix}_{name}"] for name in ("size", "colour", "shape", "background")
+        ]
+        assert all(0.0 <= value <= 1.0 for value in figures), quality
+    assert quality["prompt_accuracy_weakest"] in ("size", "colour", "shape", "background")
+    # A gate no 4-prompt sample can pass above its own figure fails, naming the figure and the weakest attribute.
+    limit = min(1.0, quality["prompt_accuracy"] + 0.25)
+    if limit > quality["prompt_accuracy"]:
+        with pytest.raises(
+            ValidationFailedError, match=r"prompt accuracy .* < --min-prompt-accuracy .*weakest"
+        ):
+            quantize_artifact(
+                artifact, tmp_path / "w", QuantizeConfig("int8-dynamic", min_prompt_accuracy=limit, **fast)
+            )
+        assert not (tmp_path / "w").exists()
