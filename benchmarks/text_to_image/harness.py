@@ -24,6 +24,7 @@ from modelkiln.errors import KilnError
 from modelkiln.exporters.source import resolve_source as resolve_model
 from modelkiln.manifest import read_manifest
 from modelkiln.quantize.quantize import QuantizeConfig
+from modelkiln.quantize.schemes import SCHEMES
 from modelkiln.registry import bench_families, detect_family
 
 from ..core import roofline
@@ -93,6 +94,14 @@ def _check(config: TextToImageConfig) -> None:
         )
     if config.steps is not None and config.steps < 1:
         raise KilnError(f"--steps must be at least 1, got {config.steps}.")
+    torch_schemes = [name for name in config.schemes if name in SCHEMES and SCHEMES[name].kind == "torch"]
+    if torch_schemes:
+        # Its rows profile and size the denoiser graph, which a bitsandbytes (PyTorch) variant has not.
+        onnx = ", ".join(name for name, scheme in SCHEMES.items() if scheme.kind == "onnx")
+        raise KilnError(
+            f"--schemes {', '.join(torch_schemes)}: the text-to-image benchmark compares ONNX variants "
+            f"({onnx}); measure bitsandbytes variants with kiln quantize, which reports their quality."
+        )
 
 
 def resolve_diffusion_source(config: TextToImageConfig, log: Callable[[str], None]) -> str:

@@ -141,3 +141,21 @@ def test_a_family_without_a_diffusion_bench_is_refused(tmp_path, capsys):
     assert "runs sd3" in capsys.readouterr().err.replace("\n", " ")
     with pytest.raises(KilnError, match="--preset huge: unknown"):
         resolve_diffusion_source(DiffusionBenchConfig(out=tmp_path, preset="huge"), log=print)
+
+
+def test_bitsandbytes_schemes_are_refused_naming_the_onnx_ones(tmp_path, capsys):
+    argv = [
+        "bench",
+        "--preset",
+        "tiny",
+        "--family",
+        "sd3",
+        "--schemes",
+        "int8-dynamic,bnb-nf4",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "--schemes bnb-nf4: the text-to-image benchmark compares ONNX variants (int8-dynamic" in err
+    assert not (tmp_path / "report.json").exists()
