@@ -52,14 +52,22 @@ def run_demo(out: Path, num_images: int, console: Console) -> int:
     return 0 if passed else 1
 
 
+def _export_shipped(source: Path, artifact: Path, what: str, console: Console):
+    """Export a shipped model; the demo owns its folders, so a re-run replaces them."""
+    with console.status(f"exporting the shipped {what}"):
+        return export_model(source, artifact, ExportConfig(overwrite=True))
+
+
+def _mb(artifact: Path, manifest) -> str:
+    return f"{sum((artifact / name).stat().st_size for name in manifest.files) / 1e6:.2f} MB"
+
+
 def _captioning_demo(out: Path, num_images: int, console: Console) -> bool:
     artifact = out / "shapes-captioner"
-    # 1. Export the shipped captioner; the demo owns its folder, so a re-run replaces it.
-    with console.status("exporting the shipped shapes captioner"):
-        manifest = export_model(CAPTIONER_DIR, artifact, ExportConfig(overwrite=True))
-    size = sum((artifact / name).stat().st_size for name in manifest.files)
+    # 1. Export the shipped captioner.
+    manifest = _export_shipped(CAPTIONER_DIR, artifact, "shapes captioner", console)
     console.print(
-        f"1. exported {manifest.family} to {artifact} ({size / 1e6:.2f} MB, {len(manifest.files)} files)"
+        f"1. exported {manifest.family} to {artifact} ({_mb(artifact, manifest)}, {len(manifest.files)} files)"
     )
     # 2. Draw fresh images and caption them with the ONNX artifact (no PyTorch involved).
     drawn = _draw(out / "images", num_images)
@@ -88,11 +96,9 @@ def _text_to_image_demo(out: Path, captioner: Path, console: Console) -> int:
     """Prompts in, images out, captions read back: how many images show their prompt."""
     artifact = out / "shapes-sd3"
     # 4. Export the shipped text-to-image pipeline through the same path as any SD3 checkpoint.
-    with console.status("exporting the shipped shapes text-to-image pipeline"):
-        manifest = export_model(TEXT_TO_IMAGE_DIR, artifact, ExportConfig(overwrite=True))
-    size = sum((artifact / name).stat().st_size for name in manifest.files)
+    manifest = _export_shipped(TEXT_TO_IMAGE_DIR, artifact, "shapes text-to-image pipeline", console)
     console.print(
-        f"4. exported {manifest.family} to {artifact} ({size / 1e6:.2f} MB, {len(manifest.components)} graphs)"
+        f"4. exported {manifest.family} to {artifact} ({_mb(artifact, manifest)}, {len(manifest.components)} graphs)"
     )
     # 5. Generate one image per prompt with the ONNX artifact; 6. read each back with the captioner.
     with console.status(f"generating {len(DEMO_PROMPTS)} images"):
