@@ -45,12 +45,12 @@ class BenchTask:
 
 BENCH_TASKS: dict[str, BenchTask] = {
     "image-to-text": BenchTask(
-        "captioning: ViT-GPT2 presets or a captioner --model",
+        "captioning: --family vit-gpt2|blip|blip-2 presets or a captioner --model",
         configure=captioning.configure, run=captioning.run_bench,
         print_rows=captioning.print_rows, p50_s=captioning.p50_s,
     ),
     "text-to-image": BenchTask(
-        "text-to-image: --family sd3 presets or a diffusers pipeline --model",
+        "text-to-image: --family sd3|flux|stable-diffusion presets or a diffusers pipeline --model",
         configure=text_to_image.configure, run=text_to_image.run_diffusion_bench,
         print_rows=text_to_image.print_rows, p50_s=text_to_image.p50_s,
     ),
@@ -91,8 +91,8 @@ def config_of(args: argparse.Namespace, task: BenchTask) -> BenchConfig:
     """The task's config from `kiln bench`'s parsed arguments."""
     argv = sys.argv[1:] if args.argv is None else args.argv
     base = BenchConfig(
-        out=Path(args.out), model=args.model, preset=args.preset, variants=tuple(args.variant),
-        schemes=_names(args.schemes), work_dir=Path(args.artifacts) if args.artifacts else None,
+        out=Path(args.out), model=args.model, preset=args.preset, family=args.family,
+        variants=tuple(args.variant), schemes=_names(args.schemes), work_dir=Path(args.artifacts) if args.artifacts else None,
         threads=args.threads, repeats=args.repeats, warmup=args.warmup, measure_rss=not args.no_rss,
         command=" ".join(["kiln", *argv]),
     )  # fmt: skip

@@ -97,8 +97,23 @@ class BenchSupport:
 
     task: str  # key of benchmarks.tasks.BENCH_TASKS: the benchmark that runs this family's sources
     presets: tuple[str, ...] = ()  # --preset names that build a random-weight source of this family
+    # "module:attr" of the dict preset name -> preset (a frozen dataclass whose save(directory) writes the
+    # source); its keys are ``presets``. "" when the family has none.
+    preset_table: str = ""
     # "module:function" counting the FLOPs of one denoiser call, for the roofline row; "" gives no row.
     step_flops: str = ""
+    # Denoiser batch when guidance_scale > 1: 2 for classifier-free guidance (negative and positive
+    # prompt); 1 where guidance is an embedding input (FLUX.1-dev's distilled guidance).
+    guided_batch: int = 2
+    # CLIP tokens the denoiser attends to beside T5's: 77 (SD3, SD 1.x); 0 for Flux, whose CLIP gives
+    # only the pooled vector.
+    clip_tokens: int = 77
+    # Torch modules of the eager captioner timed as each stage (stage -> attribute names on the model);
+    # the decoder's module is called once per token by generate.
+    eager_stages: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("encoder", ("encoder",)),
+        ("decoder", ("decoder",)),
+    )
 
 
 @dataclass(frozen=True)
@@ -145,8 +160,8 @@ class Family:
 _CAPTIONER_RECIPE: dict[str, tuple[str, ...]] = {
     scheme: ("encoder", "decoder") for scheme in ("int8-dynamic", "int8-static", "int4-weight", "fp16")
 }
-# The captioner benchmark runs any captioner's --model; only ViT-GPT2 has presets (random-weight sources).
-_CAPTIONER_BENCH = BenchSupport(task="image-to-text")
+_CAPTION_PRESETS = "modelkiln.benchmarks.captioning"  # where the captioners' preset tables live
+_IMAGE_PRESETS = "modelkiln.benchmarks.text_to_image"  # where the diffusion families' preset tables live
 _TORCH_CAPTIONING = "modelkiln.runtime.torch_captioning"  # where the captioners' prompt_inputs live
 # Captioner profiles: up to 4 images x 4 beams, prompts up to 32 tokens on the first step, then one
 # token a step over a cache that grows to the decoder's positions (total = past + new tokens).
@@ -177,7 +192,9 @@ FAMILIES: dict[str, Family] = {
         components="encoder (image → cross-attention K/V), decoder (one step with KV cache)",
         quantize_recipes=_CAPTIONER_RECIPE,
         torch_runtime=TorchCaptioner("VisionEncoderDecoderModel", f"{_TORCH_CAPTIONING}:decoder_inputs"),
-        bench=BenchSupport(task="image-to-text", presets=("tiny", "full")),
+        bench=BenchSupport(
+            task="image-to-text", presets=("tiny", "full"), preset_table=f"{_CAPTION_PRESETS}.presets:PRESETS"
+        ),
         profile_ranges=_CAPTIONER_PROFILES,
     ),
     "blip": Family(
@@ -196,7 +213,12 @@ FAMILIES: dict[str, Family] = {
             f"{_TORCH_CAPTIONING}:blip_inputs",
             set_by_model=("eos_token_id", "pad_token_id"),
         ),
-        bench=_CAPTIONER_BENCH,
+        bench=BenchSupport(
+            task="image-to-text",
+            presets=("tiny", "full"),
+            preset_table=f"{_CAPTION_PRESETS}.blip_presets:BLIP_PRESETS",
+            eager_stages=(("encoder", ("vision_model",)), ("decoder", ("text_decoder",))),
+        ),
         profile_ranges=_CAPTIONER_PROFILES,
     ),
     "blip-2": Family(
@@ -210,7 +232,16 @@ FAMILIES: dict[str, Family] = {
         components="encoder (image → vision model, Q-Former, projection → query embeddings), decoder (OPT step with KV cache; query embeddings as prefix on the first step, tied embedding stored once)",
         quantize_recipes=_CAPTIONER_RECIPE,
         torch_runtime=TorchCaptioner("Blip2ForConditionalGeneration", f"{_TORCH_CAPTIONING}:text_inputs"),
-        bench=_CAPTIONER_BENCH,
+        bench=BenchSupport(
+            task="image-to-text",
+            presets=("tiny", "full"),
+            preset_table=f"{_CAPTION_PRESETS}.blip_presets:BLIP_2_PRESETS",
+            # The encoder graph is vision model, Q-Former and projection; OPT runs once per token.
+            eager_stages=(
+                ("encoder", ("vision_model", "qformer", "language_projection")),
+                ("decoder", ("language_model",)),
+            ),
+        ),
         # The query embeddings are a prefix on the first step only.
         profile_ranges={
             **_CAPTIONER_PROFILES,
@@ -256,7 +287,8 @@ FAMILIES: dict[str, Family] = {
         bench=BenchSupport(
             task="text-to-image",
             presets=("tiny", "full"),
-            step_flops="modelkiln.benchmarks.text_to_image.roofline:sd3_step_flops",
+            preset_table=f"{_IMAGE_PRESETS}.presets:DIFFUSION_PRESETS",
+            step_flops=f"{_IMAGE_PRESETS}.roofline:sd3_step_flops",
         ),
         # CLIP prompts are padded to 77 tokens, T5's to the artifact's length; the transformer reads both.
         profile_ranges={
@@ -301,6 +333,15 @@ FAMILIES: dict[str, Family] = {
             ("text_encoder", "text_encoder_2"),
             dropped=("image_encoder", "feature_extractor"),
         ),
+        # full/tiny: FLUX.1-dev (guidance embedding); the -schnell ones: FLUX.1-schnell (none).
+        bench=BenchSupport(
+            task="text-to-image",
+            presets=("tiny", "tiny-schnell", "full", "full-schnell"),
+            preset_table=f"{_IMAGE_PRESETS}.flux_presets:FLUX_PRESETS",
+            step_flops=f"{_IMAGE_PRESETS}.roofline:flux_step_flops",
+            guided_batch=1,
+            clip_tokens=0,
+        ),
         # Guidance is an input, not a second batch; the transformer sees 2x2 latent patches as one token.
         profile_ranges={
             **_LATENT_PROFILES,
@@ -340,6 +381,12 @@ FAMILIES: dict[str, Family] = {
             "unet",
             ("text_encoder",),
             dropped=("safety_checker", "feature_extractor"),
+        ),
+        bench=BenchSupport(
+            task="text-to-image",
+            presets=("tiny", "full"),
+            preset_table=f"{_IMAGE_PRESETS}.sd1_presets:SD1_PRESETS",
+            step_flops=f"{_IMAGE_PRESETS}.roofline:unet_step_flops",
         ),
         profile_ranges={**_LATENT_PROFILES, "sequence": (77, 77, 77), "text_sequence": (77, 77, 77)},
     ),

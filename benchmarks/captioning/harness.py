@@ -34,7 +34,6 @@ from ..core.timing import EAGER, Timings, percentiles, time_variants
 from ..core.variants import Variant, prepare_variants, variant_gate
 from . import roofline
 from .peers import PeerRunner, PeerSetup, check_peers, default_root, prepare_peers
-from .presets import PRESETS, build_preset
 from .probe import measure_rss
 from .quality import caption_agreement
 from .report import write_reports
@@ -71,7 +70,7 @@ def configure(base: BenchConfig, options: TaskOptions) -> CaptioningConfig:
 
 def resolve_source(config: CaptioningConfig, log: Callable[[str], None]) -> str:
     """The source model path: --model as given, or the preset built under the work dir."""
-    return model_or_preset(config, PRESETS, build_preset, log)
+    return model_or_preset(config, "vit-gpt2", log)  # vit-gpt2: --preset without --family
 
 
 def _check(config: CaptioningConfig) -> None:

@@ -5,14 +5,15 @@ and saved like ``save_pretrained`` would, so the benchmark measures real shapes 
 
     path = build_preset("full", Path("/tmp/kiln-bench"))   # ViT-B/16 + GPT-2 124M at 224 px
 
-A saved preset is reused when its ``preset.json`` matches the sizes asked for.
+A saved preset is reused when its ``preset.json`` matches the sizes asked for (core.source).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from ..core.source import build_preset_source
 
 # The builders below import tokenizers, transformers and torch inside each function: the task registry
 # imports this module, and `kiln bench`'s argument checks must not wait for torch.
@@ -38,22 +39,33 @@ class Preset:
     seed: int  # torch seed of the weights
     inverse_layer_scale: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx (off in the real model)
 
+    def save(self, directory: Path) -> None:
+        save_vit_gpt2(self, directory)
 
-PRESETS = {
+
+PRESETS: dict[str, Preset] = {
     "tiny": Preset(32, 8, 32, 2, 4, 64, 48, 2, 4, 44, 40, 0.3, 0),
     "full": Preset(224, 16, 768, 12, 12, 3072, 768, 12, 12, 50257, 1024, 0.02, 0),
 }
 
 
-def word_tokenizer(vocab_size: int):
-    """A whitespace word-level tokenizer with ``vocab_size`` entries (specials, then w0, w1, ...)."""
+def word_level(specials: list[str], vocab_size: int, unknown: str):
+    """A whitespace word-level ``tokenizers.Tokenizer`` with ``vocab_size`` entries: ``specials``, then
+    w0, w1, ... (random-weight presets need real vocabulary sizes, not real words)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    words = SPECIALS + [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
-    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    words = specials + [f"w{i}" for i in range(vocab_size - len(specials))]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token=unknown))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    return tokenizer
+
+
+def word_tokenizer(vocab_size: int):
+    """A whitespace word-level tokenizer with ``vocab_size`` entries (specials, then w0, w1, ...)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = word_level(SPECIALS, vocab_size, "<unk>")
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -91,10 +103,10 @@ def build_model(preset: Preset):
     return VisionEncoderDecoderModel(config).eval()
 
 
-def _save(preset: Preset, directory: Path) -> None:
+def save_vit_gpt2(preset: Preset, directory: Path) -> None:
+    """The model, tokenizer, image processor and generation config, as save_pretrained writes them."""
     from transformers import GenerationConfig, ViTImageProcessorPil
 
-    directory.mkdir(parents=True, exist_ok=True)
     build_model(preset).save_pretrained(directory)
     word_tokenizer(preset.vocab_size).save_pretrained(directory)
     size = {"height": preset.image_size, "width": preset.image_size}
@@ -102,16 +114,8 @@ def _save(preset: Preset, directory: Path) -> None:
     GenerationConfig(
         decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_beams=1
     ).save_pretrained(directory)
-    # Written last: its presence marks a complete save.
-    (directory / "preset.json").write_text(json.dumps(asdict(preset), indent=2) + "\n")
 
 
 def build_preset(name: str, cache_dir: Path) -> Path:
-    """The preset's source directory under ``cache_dir``, built unless an identical one is there."""
-    preset = PRESETS[name]
-    directory = Path(cache_dir) / f"source-{name}"
-    marker = directory / "preset.json"
-    if marker.is_file() and json.loads(marker.read_text()) == asdict(preset):
-        return directory
-    _save(preset, directory)
-    return directory
+    """The ViT-GPT2 preset's source directory under ``cache_dir``, built unless an identical one is there."""
+    return build_preset_source("vit-gpt2", name, cache_dir)

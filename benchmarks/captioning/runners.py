@@ -6,7 +6,8 @@
 
 Both decode greedily with ``min_new_tokens = max_new_tokens``, so every variant decodes exactly the
 same number of tokens. ONNX stages come from wrapping the run calls of ``pipe.sessions``; PyTorch
-stages from forward hooks on ``model.encoder`` and ``model.decoder`` (one decoder call per token).
+stages from forward hooks on the modules the family declares (``BenchSupport.eager_stages``: ViT-GPT2's
+``encoder`` and ``decoder``, BLIP's ``vision_model`` and ``text_decoder``, ...; one decoder call per token).
 Nothing here imports torch unless an ``EagerRunner`` is made.
 """
 
@@ -89,20 +90,18 @@ class EagerRunner:
 
         torch.set_num_threads(threads)
         source = resolve_source(model)
-        exporter = detect_family(source.config, model).load_exporter()
+        family = detect_family(source.config, model)
+        exporter = family.load_exporter()
         self.model = exporter.load_model(source)
         self.processor = exporter.reference_processor(source)
         self.codec = TextCodec.from_dir(source.path)
         self.generation = _greedy(max_new_tokens)
         self.calls: list[tuple[str, float]] = []
-        self._hook("encoder")
-        self._hook("decoder")
-
-    def _hook(self, name: str) -> None:
-        module = getattr(self.model, name, None)
-        if module is None:  # families without this split report end-to-end time only
-            return
-        hook_calls(module, name, self.calls)
+        # The family declares which modules make each stage (BLIP-2's encoder side is three of them).
+        stages = family.bench.eager_stages if family.bench else ()
+        for stage, attributes in stages:
+            for attribute in attributes:
+                hook_calls(getattr(self.model, attribute), stage, self.calls)
 
     def run(self, image) -> Job:
         import torch  # here, not at the top: the ONNX memory probe runs these runners without torch

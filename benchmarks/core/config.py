@@ -25,6 +25,9 @@ class BenchConfig:
     out: Path  # results folder: report.json, report.md, PNG plots
     model: str | None = None  # source model (hub id or local dir): the eager baseline and on-the-fly exports
     preset: str | None = None  # "tiny" or "full": build a random-weight source instead of --model
+    # Family whose preset --preset names (its registry entry's preset table); None: the task's default
+    # family (vit-gpt2 for captioning, sd3 for text-to-image).
+    family: str | None = None
     variants: tuple[str, ...] = ()  # existing artifact directories to compare
     schemes: tuple[str, ...] = ()  # schemes to quantize on the fly from an fp32 export of the source
     work_dir: Path | None = None  # presets and on-the-fly artifacts; None puts them in OUT/artifacts

@@ -29,11 +29,10 @@ from modelkiln.registry import bench_families, detect_family
 
 from ..core import roofline
 from ..core.config import BenchConfig, TaskOptions, check_config
-from ..core.source import model_or_preset
+from ..core.source import family_preset, model_or_preset
 from ..core.timing import EAGER, Schedule, time_variants
 from ..core.variants import Variant, prepare_variants
 from .measure import measure_variants
-from .presets import DIFFUSION_PRESETS, build_diffusion_preset
 from .report import assemble_report, derived, write_diffusion_reports
 from .runners import EagerDiffusionRunner, Generation, ImageJob, OrtDiffusionRunner
 
@@ -49,6 +48,7 @@ PROMPTS = (
     "a cozy reading nook with plants and warm lamps",
     "a futuristic train crossing a desert at sunset",
 )
+DEFAULT_FAMILY = "sd3"  # the family of --preset without --family
 DEFAULT_STEPS = 4  # steps per image when neither the preset nor --steps says
 QUALITY_PROMPTS = 1  # kiln quantize's own check: one prompt ...
 QUALITY_STEPS = 1  # ... one step ...
@@ -63,7 +63,7 @@ class TextToImageConfig(BenchConfig):
     """One text-to-image benchmark run: the shared fields, then the task's."""
 
     repeats: int = 3  # timed passes over the prompts per variant (an image costs more than a caption)
-    family: str = "sd3"  # family of the preset (a --model's family is detected from it)
+    family: str = DEFAULT_FAMILY  # family of the preset (a --model's family is detected from it)
     prompts: int = 2  # prompts per pass, one image each
     steps: int | None = None  # denoising steps per image; None: the preset's (or 4 for --model)
     size: int | None = None  # image side in pixels; None: the preset's (or the model's default)
@@ -78,8 +78,7 @@ def configure(base: BenchConfig, options: TaskOptions) -> TextToImageConfig:
     if options.peers:
         raise KilnError("--peers compares captioning toolchains only; drop it for a text-to-image benchmark.")
     return TextToImageConfig(
-        **vars(base),
-        family=options.family or "sd3",
+        **{**vars(base), "family": options.family or base.family or DEFAULT_FAMILY},
         prompts=options.per_pass,
         steps=options.steps,
         size=options.size,
@@ -106,7 +105,7 @@ def _check(config: TextToImageConfig) -> None:
 
 def resolve_diffusion_source(config: TextToImageConfig, log: Callable[[str], None]) -> str:
     """The source pipeline path: --model as given, or the preset built under the work dir."""
-    return model_or_preset(config, DIFFUSION_PRESETS, build_diffusion_preset, log)
+    return model_or_preset(config, DEFAULT_FAMILY, log)
 
 
 def quantize_config(parent: Path, scheme: str) -> QuantizeConfig:
@@ -130,7 +129,7 @@ def quantize_config(parent: Path, scheme: str) -> QuantizeConfig:
 def generation_settings(config: TextToImageConfig, fp32: Variant) -> Generation:
     """Steps, guidance, size and T5 length: --steps/--size, else the preset's, else the artifact's defaults."""
     runtime = read_manifest(fp32.path).runtime
-    preset = DIFFUSION_PRESETS.get(config.preset) if config.preset else None
+    preset = family_preset(config.family, config.preset) if config.preset else None
     if preset is not None:
         defaults = (preset.steps, preset.size, preset.guidance_scale, preset.max_sequence_length)
     else:

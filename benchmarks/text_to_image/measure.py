@@ -21,6 +21,7 @@ import numpy as np
 from modelkiln.exporters.source import resolve_source
 from modelkiln.manifest import read_manifest
 from modelkiln.metrics import image_metrics
+from modelkiln.registry import get_family
 from modelkiln.validation.prompt_accuracy import (
     PromptAccuracyConfig,
     is_shapes_fixture,
@@ -123,21 +124,28 @@ def _rss(target: str, eager: bool, latent_shape: tuple[int, ...], context: dict)
     return measure_diffusion_rss(target, eager, context["settings"], tuple(latent_shape), config.threads)
 
 
-def step_flops_of(source: str, context: dict, latent_shape: tuple[int, ...]) -> dict | None:
-    """FLOPs of one denoiser call at the benchmark's shapes (batch 2 when guided)."""
+def step_flops_of(source: str, context: dict) -> dict | None:
+    """FLOPs of one denoiser call at the benchmark's shapes: batch and text tokens as the family
+    declares them (``BenchSupport.guided_batch``, ``clip_tokens``)."""
     settings = context["settings"]
+    bench = get_family(context["family"]).bench
     folder = resolve_source(source).path
     denoiser = next(name for name in DENOISERS if (folder / name / "config.json").is_file())
     config = json.loads((folder / denoiser / "config.json").read_text())
-    text = 77 + (settings.max_sequence_length or 0)  # CLIP's 77 tokens, then T5's
-    batch = 2 if settings.guidance_scale > 1 else 1
     shape = {
-        "latent_height": latent_shape[2],
-        "latent_width": latent_shape[3],
-        "text_tokens": text,
-        "batch": batch,
+        # From the image size, not the latents' shape: Flux's latents are packed [B, tokens, 4C].
+        "latent_height": settings.height // _vae_scale(folder),
+        "latent_width": settings.width // _vae_scale(folder),
+        "text_tokens": bench.clip_tokens + (settings.max_sequence_length or 0),
+        "batch": bench.guided_batch if settings.guidance_scale > 1 else 1,
     }
     return step_flops(context["family"], config, **shape)
+
+
+def _vae_scale(folder: Path) -> int:
+    """The VAE's scale factor, as diffusers derives it: 2 per block after the first."""
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def variant_row(
@@ -184,7 +192,7 @@ def measure_variants(
     # 1. Prompt accuracy, then one profiled step of each variant; the runners are released on the way.
     context = {**context, "prompt_accuracy": prompt_accuracies(source, runners, context["config"], log)}
     context["profiles"] = profile_steps(runners, variants, context["config"], log)
-    context["flops"] = step_flops_of(source, context, tuple(latent_shape))
+    context["flops"] = step_flops_of(source, context)
     # 2. Sizes and peak memory (a fresh process each), then the rows.
     targets = [(EAGER, source, source_sizes(source))]
     targets += [(v.name, str(v.path), artifact_sizes(v.path)) for v in variants]

@@ -8,17 +8,18 @@ the VAE are tiny stand-ins with the interface widths SD3 needs. Nothing download
     path = build_diffusion_preset("full", Path("/tmp/kiln-bench"))   # a StableDiffusion3Pipeline dir
     preset = DIFFUSION_PRESETS["full"]                                # its sizes and run settings
 
-A saved preset is reused when its ``preset.json`` matches the sizes asked for.
+A saved preset is reused when its ``preset.json`` matches the sizes asked for (core.source). The
+stand-in text encoders and VAE here serve the Flux and SD 1.x presets too.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelkiln.fixtures.tiny_diffusion import TOKEN_LENGTH, clip_tokenizer, t5_tokenizer
 
+from ..core.source import build_preset_source
 from .runners import quiet_loading
 
 # The model builders below import diffusers, transformers and torch inside each function: the task
@@ -45,6 +46,9 @@ class DiffusionPreset:
     guidance_scale: float  # > 1: classifier-free guidance, so every transformer call has batch 2
     max_sequence_length: int  # T5 tokens; the transformer sees 77 + this many text tokens
     seed: int  # torch seed of the weights
+
+    def save(self, directory: Path) -> None:
+        save_pipeline(build_sd3_pipeline(self), directory)
 
 
 DIFFUSION_PRESETS: dict[str, DiffusionPreset] = {
@@ -78,39 +82,51 @@ def _transformer(preset: DiffusionPreset):
     ).eval()
 
 
-def _clip(preset: DiffusionPreset, projection: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def clip_config(width: int, output: int):
+    """A 2-layer CLIP text config ``width`` wide; ``output`` is the pooled width the denoiser reads."""
+    from transformers import CLIPTextConfig
 
-    config = CLIPTextConfig(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=1000, hidden_size=preset.text_width,
-        intermediate_size=2 * preset.text_width, num_attention_heads=4, num_hidden_layers=2,
-        projection_dim=projection, max_position_embeddings=TOKEN_LENGTH, hidden_act="gelu",
+    return CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=1000, hidden_size=width,
+        intermediate_size=2 * width, num_attention_heads=4, num_hidden_layers=2,
+        projection_dim=output, max_position_embeddings=TOKEN_LENGTH, hidden_act="gelu",
     )  # fmt: skip
-    return CLIPTextModelWithProjection(config).eval()
 
 
-def _t5(preset: DiffusionPreset):
+def _clip(preset: DiffusionPreset, projection: int):
+    from transformers import CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(clip_config(preset.text_width, projection)).eval()
+
+
+def t5_stand_in(width: int, feed_forward: int):
+    """A 1-layer T5 encoder whose output is ``width`` wide (the interface); heads x d_kv stay tiny."""
     from transformers import T5Config, T5EncoderModel
 
-    # d_model is the interface width (joint_attention_dim); heads x d_kv and d_ff stay tiny.
     config = T5Config(
-        vocab_size=96, d_model=preset.joint_attention_dim, d_kv=8, d_ff=preset.text_width,
+        vocab_size=96, d_model=width, d_kv=8, d_ff=feed_forward,
         num_layers=1, num_heads=4, relative_attention_num_buckets=8,
     )  # fmt: skip
     return T5EncoderModel(config).eval()
 
 
-def _vae(preset: DiffusionPreset):
+def vae_stand_in(channels: tuple[int, ...], latent_channels: int, size: int, **scaling):
+    """A narrow AutoencoderKL with one block per entry of ``channels`` (4 blocks: an 8x scale factor)."""
     from diffusers import AutoencoderKL
 
-    blocks = len(preset.vae_channels)
+    blocks = len(channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=preset.vae_channels,
+        in_channels=3, out_channels=3, block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-        layers_per_block=1, latent_channels=preset.latent_channels, norm_num_groups=4,
-        sample_size=preset.size, shift_factor=0.0609, scaling_factor=1.5305,
-        use_quant_conv=False, use_post_quant_conv=False,
+        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=size, **scaling,
     ).eval()  # fmt: skip
+
+
+def _vae(preset: DiffusionPreset):
+    return vae_stand_in(
+        preset.vae_channels, preset.latent_channels, preset.size, shift_factor=0.0609,
+        scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
 
 
 def build_sd3_pipeline(preset: DiffusionPreset):
@@ -127,21 +143,16 @@ def build_sd3_pipeline(preset: DiffusionPreset):
         tokenizer=clip_tokenizer(),
         text_encoder_2=_clip(preset, preset.clip_projections[1]),
         tokenizer_2=clip_tokenizer(),
-        text_encoder_3=_t5(preset),
+        text_encoder_3=t5_stand_in(preset.joint_attention_dim, preset.text_width),
         tokenizer_3=t5_tokenizer(preset.max_sequence_length),
     )
 
 
-def build_diffusion_preset(name: str, cache_dir: Path) -> Path:
-    """The preset's pipeline directory under ``cache_dir``, built unless an identical one is there."""
-    preset = DIFFUSION_PRESETS[name]
-    directory = Path(cache_dir) / f"source-sd3-{name}"
-    marker = directory / "preset.json"
-    wanted = json.loads(json.dumps(asdict(preset)))  # tuples as JSON lists, as the marker stores them
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
-        return directory
+def save_pipeline(pipeline, directory: Path) -> None:
     quiet_loading()  # no per-shard bars while saving
-    build_sd3_pipeline(preset).save_pretrained(directory)
-    # Written last: its presence marks a complete save.
-    marker.write_text(json.dumps(wanted, indent=2) + "\n")
-    return directory
+    pipeline.save_pretrained(directory)
+
+
+def build_diffusion_preset(name: str, cache_dir: Path) -> Path:
+    """The SD3 preset's pipeline directory under ``cache_dir``, built unless an identical one is there."""
+    return build_preset_source("sd3", name, cache_dir)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from modelkiln.registry import get_family
+
 from ..core.tables import (
     machine_info,
     mb,
@@ -31,7 +33,16 @@ TARGETS = (
     ("transformer step: ONNX fp32 vs PyTorch eager", "onnx-fp32", "step_speedup", 1.3),
     ("transformer step: int8-dynamic vs PyTorch eager", "int8-dynamic", "step_speedup", 1.8),
 )
-UNTARGETED_PRESETS = ("tiny",)  # presets whose timings are too small to hold against the targets
+# Flux and SD 1.x steps: int8 at least twice eager, fp32 no slower than eager.
+STEP_TARGETS = (
+    ("denoiser step: ONNX fp32 vs PyTorch eager", "onnx-fp32", "step_speedup", 1.0),
+    ("denoiser step: int8-dynamic vs PyTorch eager", "int8-dynamic", "step_speedup", 2.0),
+)
+FAMILY_TARGETS = {"sd3": TARGETS, "flux": STEP_TARGETS, "stable-diffusion": STEP_TARGETS}  # family -> targets
+UNTARGETED_PRESETS = (
+    "tiny",
+    "tiny-schnell",
+)  # presets whose timings are too small to hold against the targets
 
 
 def assemble_report(config, source: str, family: str, settings, machine: dict, rows: list[dict]) -> dict:
@@ -68,7 +79,7 @@ def check_targets(report: dict) -> list[dict]:
         return []
     figures = derived(report)
     checks = []
-    for what, variant, key, limit in TARGETS:
+    for what, variant, key, limit in FAMILY_TARGETS.get(report["family"], TARGETS):
         value = figures.get(variant, {}).get(key)
         if value is not None:
             # The share of its step time the variant would still have to lose to meet the limit.
@@ -231,7 +242,8 @@ def targets_table(checks: list[dict]) -> list[str]:
 def _intro(report: dict) -> list[str]:
     machine, settings, gen = report["machine"], report["settings"], report["generation"]
     roof = machine["roofline"]
-    batch = "2 (guided: negative and positive prompt)" if gen["guidance_scale"] > 1 else "1"
+    guided = gen["guidance_scale"] > 1 and get_family(report["family"]).bench.guided_batch == 2
+    batch = "2 (guided: negative and positive prompt)" if guided else "1"
     return [
         "# kiln bench (text-to-image)",
         "",

@@ -46,14 +46,68 @@ def sd3_step_flops(config: dict, latent_height: int, latent_width: int, text_tok
     linear += 2 * text_tokens * config["joint_attention_dim"] * config["caption_projection_dim"]
     linear += 2 * width * (256 + width + config["pooled_projection_dim"] + width)  # timestep + pooled text
     linear += 2 * width * 2 * width + 2 * image * width * patch * patch * config["out_channels"]  # output
+    return _totals(image, text_tokens, batch, linear, attention)
+
+
+def _totals(image: int, text: int, batch: int, linear: float, attention: float) -> dict:
     return {
         "image_tokens": image,
-        "text_tokens": text_tokens,
+        "text_tokens": text,
         "batch": batch,
         "linear": batch * linear,
         "attention": batch * attention,
         "total": batch * (linear + attention),
     }
+
+
+def flux_step_flops(
+    config: dict, latent_height: int, latent_width: int, text_tokens: int, batch: int
+) -> dict:
+    """FLOPs of one FluxTransformer2DModel call (one denoising step) on 2x2-packed latents.
+
+    A double block runs Q/K/V, output and a 4x-wide MLP per stream (12 D^2 MACs a token); a single
+    block fuses Q/K/V with the MLP's input and the output with the MLP's output (also 12 D^2 a token);
+    both attend over image + text tokens. Modulation projections read one vector per block."""
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    image, square = (latent_height // 2) * (latent_width // 2), width * width
+    blocks = config["num_layers"] + config["num_single_layers"]
+    linear = blocks * 24 * (image + text_tokens) * square
+    linear += config["num_layers"] * 2 * 12 * square + config["num_single_layers"] * 2 * 3 * square  # adaLN
+    attention = blocks * 4 * (image + text_tokens) ** 2 * width
+    embedders = 2 if config.get("guidance_embeds") else 1  # timestep (and guidance) MLPs: 256 -> D -> D
+    linear += embedders * 2 * (256 * width + square) + 2 * (config["pooled_projection_dim"] * width + square)
+    linear += (
+        2 * image * config["in_channels"] * width + 2 * text_tokens * config["joint_attention_dim"] * width
+    )
+    linear += 2 * 2 * square + 2 * image * width * (config.get("out_channels") or config["in_channels"])
+    return _totals(image, text_tokens, batch, linear, attention)
+
+
+def unet_step_flops(
+    config: dict, latent_height: int, latent_width: int, text_tokens: int, batch: int
+) -> dict:
+    """FLOPs of one UNet2DConditionModel call, counted by torch on a weightless (meta) copy.
+
+    The UNet's convolutions make an analytic count long; torch's FLOP counter reads every conv, linear
+    and attention matmul from the shapes alone. Attention runs the plain processor (bmm, softmax, bmm)
+    there, since torch counts no FLOPs for its CPU flash attention."""
+    import torch  # here, not at the top: the task registry imports this module without torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config).eval()
+        unet.set_attn_processor(AttnProcessor())
+        # One batch element: the work is linear in the batch.
+        sample = torch.empty(1, config["in_channels"], latent_height, latent_width)
+        text = torch.empty(1, text_tokens, config["cross_attention_dim"])
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(sample, torch.tensor([500.0]), encoder_hidden_states=text)
+    ops = {str(op): count for op, count in counter.get_flop_counts()["Global"].items()}
+    attention = sum(count for op, count in ops.items() if "bmm" in op)  # baddbmm scores, bmm weighted sum
+    image = latent_height * latent_width
+    return _totals(image, text_tokens, batch, counter.get_total_flops() - attention, attention)
 
 
 def step_flops(family: str, config: dict, **shape: int) -> dict | None:

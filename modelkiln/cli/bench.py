@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from modelkiln.cli.common import console
-from modelkiln.registry import FAMILIES, bench_families
+from modelkiln.registry import FAMILIES
 
 HELP = "latency, memory, size and quality of variants vs PyTorch"
 LOADS_MODELS = True  # loads the PyTorch eager baseline: its libraries' progress bars are hidden
@@ -18,12 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         {preset for family in FAMILIES.values() if family.bench for preset in family.bench.presets}
     )
     source.add_argument(
-        "--preset", choices=presets, help="random-weight source built locally: ViT-GPT2, or see --family"
+        "--preset", choices=presets, help="random-weight source of --family's real widths, built locally"
     )
-    text_to_image = ", ".join(bench_families("text-to-image"))
+    with_presets = ", ".join(
+        name for name, family in FAMILIES.items() if family.bench and family.bench.presets
+    )
     parser.add_argument(
         "--family",
-        help=f"{text_to_image}: bench text-to-image (full-width presets); default: detected from --model",
+        help=f"{with_presets}: the family of --preset (default vit-gpt2); "
+        "with --model: forces the family instead of detecting it",
     )
     parser.add_argument(
         "--steps", type=int, help="text-to-image: denoising steps per image (default: the preset's)"

@@ -135,11 +135,13 @@ def test_analytic_step_flops_match_torchs_flop_counter():
     assert flops["attention"] > 0
 
 
-def test_a_family_without_a_diffusion_bench_is_refused(tmp_path, capsys):
-    code = main(["bench", "--preset", "tiny", "--family", "flux", "--out", str(tmp_path)])
+def test_an_unknown_preset_or_family_lists_the_valid_ones(tmp_path, capsys):
+    code = main(["bench", "--preset", "tiny", "--family", "flax", "--out", str(tmp_path)])
     assert code != 0
-    assert "runs sd3" in capsys.readouterr().err.replace("\n", " ")
-    with pytest.raises(KilnError, match="--preset huge: unknown"):
+    assert "unknown family 'flax'. Supported families: blip" in capsys.readouterr().err.replace("\n", " ")
+    with pytest.raises(
+        KilnError, match=r"--preset huge: unknown for --family sd3\. Valid presets: tiny, full"
+    ):
         resolve_diffusion_source(DiffusionBenchConfig(out=tmp_path, preset="huge"), log=print)
 
 

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkiln.benchmarks.captioning.presets import PRESETS
 from modelkiln.benchmarks.tasks import BENCH_TASKS
-from modelkiln.benchmarks.text_to_image.presets import DIFFUSION_PRESETS
 from modelkiln.errors import KilnError, UnsupportedModelError
 from modelkiln.exporters.export import ExportConfig
 from modelkiln.exporters.protocol import EXPORTER_PROTOCOLS
@@ -17,7 +15,6 @@ from modelkiln.quantize.schemes import SCHEMES
 from modelkiln.registry import FAMILIES, TorchCaptioner, detect_family, get_family, load_attr
 
 TESTS = Path(__file__).resolve().parents[1]
-BENCH_PRESETS = {"image-to-text": PRESETS, "text-to-image": DIFFUSION_PRESETS}  # bench task -> its presets
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -106,7 +103,7 @@ def test_every_declared_reference_resolves(name):
             assert callable(load_attr(f"diffusers:{torch_runtime.pipeline_class}"))
     if family.bench is not None:
         assert family.bench.task in BENCH_TASKS
-        assert set(family.bench.presets) <= set(BENCH_PRESETS[family.bench.task])
+        assert tuple(load_attr(family.bench.preset_table)) == family.bench.presets
         assert not family.bench.step_flops or callable(load_attr(family.bench.step_flops))
 
 
