@@ -32,7 +32,7 @@ from modelkiln.registry import get_family
 from .bnb import make_bnb_artifact
 from .calibration import record_calibration
 from .graph_prep import excluded_nodes, load_graph, prepare_weight_matmuls
-from .schemes import get_scheme, resolve_options
+from .schemes import base_schemes, component_scheme, get_scheme, resolve_options
 from .variant import QuantizeConfig, measure_quality, read_onnx_parent, record_quality, relative_parent
 
 
@@ -44,6 +44,9 @@ def _components(manifest: Manifest, config: QuantizeConfig) -> tuple[str, ...]:
         raise KilnError(
             f"--components {', '.join(unknown)}: no such component. This artifact has: {', '.join(manifest.components)}."
         )
+    scheme = get_scheme(config.scheme)
+    for name in chosen:  # a mixed scheme must have a part for every graph it is asked to quantize
+        component_scheme(scheme, name, scheme.options)
     return tuple(chosen)
 
 
@@ -75,7 +78,7 @@ def _quantize_graph(
     model = load_graph(parent / spec.file)  # also when the parent is symlinks into the hub cache
     prep = prepare_weight_matmuls(model)
     excluded = excluded_nodes(model, (*recipe_exclude(manifest, name), *config.exclude))
-    scheme = get_scheme(config.scheme)
+    scheme, options = component_scheme(get_scheme(config.scheme), name, options)
     extra = {"calibration": feeds[name]} if scheme.calibrated else {}
     stats = scheme.load_apply()(
         model, staging / spec.file, options, excluded, spec.external_data is not None, **extra
@@ -87,7 +90,7 @@ def _quantize_graph(
             f"scheme {config.scheme} quantized no node of component {name} (excluded: {len(excluded)}). "
             "Nothing would change: check --exclude, or leave this component out with --components."
         )
-    return {**stats, **prep, "excluded_nodes": excluded}
+    return {**stats, **prep, "excluded_nodes": excluded, "scheme": scheme.name, "precision": scheme.precision}
 
 
 def _copy_untouched(parent: Path, staging: Path, manifest: Manifest, quantized: tuple[str, ...]) -> None:
@@ -106,6 +109,15 @@ def _measure(parent: Path, staging: Path, manifest: Manifest, config: QuantizeCo
     return measure_quality(runtime.load(parent), runtime.load(staging), manifest, config)
 
 
+def _refuse_target(parent_dir: str | os.PathLike, name: str) -> None:
+    """Stop when the parent's export target cannot run the scheme (a mixed one: any of its parts)."""
+    target = get_target(read_manifest(parent_dir).target)
+    for scheme in base_schemes(get_scheme(name)):
+        refusal = scheme_refusal(target, scheme.name)
+        if refusal:
+            raise KilnError(refusal if scheme.name == name else f"{name}: {refusal}")
+
+
 def quantize_artifact(
     parent_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -113,9 +125,7 @@ def quantize_artifact(
     log: Callable[[str], None] = lambda message: None,
 ) -> Manifest:
     """Quantize ``parent_dir`` into ``out``; raise ValidationFailedError (nothing written) below the gate."""
-    refusal = scheme_refusal(get_target(read_manifest(parent_dir).target), get_scheme(config.scheme).name)
-    if refusal:
-        raise KilnError(refusal)
+    _refuse_target(parent_dir, config.scheme)
     if get_scheme(config.scheme).kind == "torch":
         # bitsandbytes quantizes the PyTorch source model, not the graphs: a separate path.
         return make_bnb_artifact(parent_dir, out, config.scheme, config, log=log)
@@ -131,7 +141,7 @@ def quantize_artifact(
         # 2. Quantize the chosen graphs; copy everything else unchanged.
         _copy_untouched(parent, staging, manifest, components)
         feeds, calibration = {}, None
-        if get_scheme(config.scheme).calibrated:
+        if any(scheme.calibrated for scheme in base_schemes(get_scheme(config.scheme))):
             log("recording calibration inputs")
             feeds, calibration = record_calibration(
                 parent,
@@ -146,12 +156,12 @@ def quantize_artifact(
             log(f"quantizing {name} with {config.scheme}")
             stats[name] = _quantize_graph(parent, staging, name, manifest, config, options, feeds)
         # 3. Describe the variant, then measure it against the parent on held-out images.
-        precision = get_scheme(config.scheme).precision
         variant = replace(
             manifest,
-            precision=precision,
+            precision=get_scheme(config.scheme).precision,
+            # Each graph records what its weights are stored as: a mixed scheme's parts differ.
             components={
-                n: replace(s, precision=precision) if n in components else s
+                n: replace(s, precision=stats[n]["precision"]) if n in components else s
                 for n, s in manifest.components.items()
             },
             parent={

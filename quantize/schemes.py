@@ -6,6 +6,10 @@ options before onnx or torch is loaded. Each scheme names the function that make
     scheme = get_scheme("int8-dynamic")
     stats = scheme.load_apply()(model, out_path, options, exclude, external_data)   # kind "onnx"
     bnb_kwargs = scheme.load_apply()(options)                                        # kind "torch"
+    part, part_opts = component_scheme(get_scheme("mixed-int8-int4"), "decoder", options)  # mixed
+
+A mixed scheme names, per graph, the uniform scheme that quantizes it; its options are its parts'
+options prefixed with the graph's name (``decoder.block_size``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class Scheme:
     calibrated: bool = False  # apply also takes recorded input feeds (static activation ranges)
     kind: str = "onnx"  # "onnx" rewrites the parent's graphs; "torch" makes a torch artifact (quantize.bnb)
     notes: str = ""  # when to use it, for the README's scheme table (markdown)
+    # Mixed schemes: graph name -> the uniform scheme that quantizes it (``apply`` is then unused, and
+    # ``options`` holds the parts' options as "graph.option"). Empty for a uniform scheme.
+    parts: dict[str, str] = field(default_factory=dict)
 
     def load_apply(self) -> Callable[..., dict]:
         module, _, name = self.apply.partition(":")
@@ -113,6 +120,27 @@ SCHEMES: dict[str, Scheme] = {
         kind="torch",
         notes="needs `modelkiln[bnb]`; layers too narrow for bitsandbytes' 4-bit CPU packing stay fp32",
     ),
+    "mixed-int8-int4": Scheme(
+        name="mixed-int8-int4",
+        precision="int8+int4",
+        description="captioners: encoder int8-dynamic, decoder int4-weight (MatMulNBits, 128-weight blocks)",
+        apply="",
+        # The encoder is a few large GEMMs, compute-bound: int8 GEMM is the fastest (int8-static's QDQ
+        # 1.10x and MatMulNBits 1.5x slower on the full ViT); one decode step reads every decoder weight
+        # once, bandwidth-bound: int4 in 128-weight blocks with the tied lm_head int4 too was the fastest
+        # per token (32: 1.2x, 64: 1.1x slower; lm_head int8 1.2x, fp32 1.4x). Measured on the full
+        # ViT-GPT2: benchmarks/results/vit-gpt2-full/mixed-recipe.md.
+        options={
+            "encoder.per_channel": True,
+            "decoder.block_size": 128,
+            "decoder.symmetric": True,
+            "decoder.accuracy_level": 4,
+            "decoder.algorithm": "rtn",
+            "decoder.quantize_embeddings": True,
+        },
+        parts={"encoder": "int8-dynamic", "decoder": "int4-weight"},
+        notes="encoder + decoder captioners; options per graph: `--option decoder.block_size=64`",
+    ),
 }
 
 
@@ -136,7 +164,33 @@ def resolve_options(scheme: Scheme, given: dict) -> dict:
                 f"scheme {scheme.name}: {key} {options[key]!r} is not supported. "
                 f"Use one of {', '.join(map(str, allowed))}."
             )
+    for graph in scheme.parts:
+        component_scheme(scheme, graph, options)  # each part checks its own options
     return options
+
+
+def part_options(options: dict, graph: str) -> dict:
+    """A mixed scheme's options for one graph, without the ``graph.`` prefix."""
+    prefix = f"{graph}."
+    return {key.removeprefix(prefix): value for key, value in options.items() if key.startswith(prefix)}
+
+
+def component_scheme(scheme: Scheme, graph: str, options: dict) -> tuple[Scheme, dict]:
+    """The uniform scheme and resolved options that quantize ``graph``: the scheme itself unless mixed."""
+    if not scheme.parts:
+        return scheme, options
+    if graph not in scheme.parts:
+        raise KilnError(
+            f"scheme {scheme.name} quantizes {', '.join(scheme.parts)}, not {graph}: choose --components "
+            "among those, or use a uniform scheme for this artifact."
+        )
+    part = get_scheme(scheme.parts[graph])
+    return part, resolve_options(part, part_options(options, graph))
+
+
+def base_schemes(scheme: Scheme) -> tuple[Scheme, ...]:
+    """The uniform schemes that run when ``scheme`` is applied: its parts, or itself."""
+    return tuple(get_scheme(name) for name in scheme.parts.values()) or (scheme,)
 
 
 def parse_option(pair: str) -> tuple[str, Any]:

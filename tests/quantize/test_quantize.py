@@ -16,7 +16,7 @@ from modelkiln.errors import KilnError, ValidationFailedError
 from modelkiln.manifest import artifact_hash, extra_files, read_manifest, verify_files
 from modelkiln.quantize.graph_prep import count_ops, prepare_weight_matmuls, weight_matmuls
 from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
-from modelkiln.quantize.schemes import SCHEMES, parse_option
+from modelkiln.quantize.schemes import SCHEMES, component_scheme, parse_option, resolve_options
 
 
 def _size(directory) -> int:
@@ -60,6 +60,8 @@ TESTED_SCHEMES = {
     "int4-weight": ({"block_size": 16}, "MatMulNBits"),
     "int8-static": ({}, "DequantizeLinear"),  # weights stored int8 behind DequantizeLinear (QDQ)
     "fp16": ({}, "Cast"),  # fp16 weights, casts around the fp32 keep-list and graph inputs/outputs
+    # Per graph: the encoder's int8 GEMMs, the decoder's int4 weights.
+    "mixed-int8-int4": ({"decoder.block_size": 16}, {"encoder": "MatMulInteger", "decoder": "MatMulNBits"}),
 }
 
 
@@ -80,7 +82,9 @@ def test_scheme_makes_a_smaller_runnable_variant_with_quality_figures(
         graph = onnx.load(str(out / manifest.components[name].file), load_external_data=False)
         stats = manifest.quantization["nodes"][name]
         assert stats["quantized_nodes"] >= stats["gemm_rewritten"] > 0  # every weight matmul was taken
-        assert count_ops(graph).get(node_type, 0) > 0
+        expected = node_type[name] if isinstance(node_type, dict) else node_type
+        assert count_ops(graph).get(expected, 0) > 0
+        assert manifest.components[name].precision == stats["precision"] != "fp32"
     assert _size(out) < _size(wide_artifact)
     assert manifest.parent["artifact_sha256"] == artifact_hash(parent)
     assert manifest.precision == SCHEMES[scheme].precision
@@ -221,6 +225,44 @@ def test_exclude_by_module_path_keeps_those_nodes_fp32(small_artifact, tmp_path)
 def test_bad_requests_say_what_is_valid(small_artifact, tmp_path, config, message):
     with pytest.raises(KilnError, match=message):
         quantize_artifact(small_artifact, tmp_path / "out", config)
+
+
+def test_mixed_scheme_graphs_are_exactly_its_uniform_parts(wide_artifact, tmp_path):
+    """Each graph of the mixed variant is what that graph's uniform scheme makes of it."""
+    mixed = quantize_artifact(
+        wide_artifact,
+        tmp_path / "mixed",
+        QuantizeConfig("mixed-int8-int4", options={"decoder.block_size": 16}, num_images=2),
+    )
+    assert {n: s.precision for n, s in mixed.components.items()} == {"encoder": "int8", "decoder": "int4"}
+    assert mixed.precision == "int8+int4" and mixed.quantization["options"]["decoder.block_size"] == 16
+    parts = {
+        "encoder": QuantizeConfig("int8-dynamic"),
+        "decoder": QuantizeConfig("int4-weight", options={"block_size": 16}),
+    }
+    for name, config in parts.items():
+        alone = quantize_artifact(
+            wide_artifact, tmp_path / name, replace(config, components=(name,), num_images=2)
+        )
+        assert alone.components[name].precision == mixed.components[name].precision
+        # Both quantizers are deterministic: the same graph, node for node and weight for weight.
+        graphs = [
+            onnx.load(str(folder / f"{name}.onnx")).graph for folder in (tmp_path / "mixed", tmp_path / name)
+        ]
+        assert graphs[0] == graphs[1]
+
+
+def test_mixed_scheme_options_are_checked_by_each_part():
+    mixed = SCHEMES["mixed-int8-int4"]
+    assert parse_option("decoder.block_size=64") == ("decoder.block_size", 64)
+    with pytest.raises(KilnError, match="scheme int4-weight: block_size 48 is not supported"):
+        resolve_options(mixed, {"decoder.block_size": 48})
+    with pytest.raises(
+        KilnError, match=r"has no option encoder\.block_size\. Its options: encoder\.per_channel"
+    ):
+        resolve_options(mixed, {"encoder.block_size": 64})
+    with pytest.raises(KilnError, match="quantizes encoder, decoder, not transformer: choose --components"):
+        component_scheme(mixed, "transformer", mixed.options)
 
 
 def test_option_parsing_types_values_from_the_scheme_table():

@@ -44,10 +44,16 @@ def test_schemes_tensorrt_cannot_run_are_refused_naming_those_that_can(trt_artif
     assert not (tmp_path / "v").exists()
 
 
-def test_portable_refuses_the_contrib_int4(target_artifact, tmp_path):
+@pytest.mark.parametrize(
+    ("scheme", "prefix"), [("int4-weight", ""), ("mixed-int8-int4", "mixed-int8-int4: ")]
+)
+def test_portable_refuses_the_contrib_int4(target_artifact, tmp_path, scheme, prefix):
     _, artifact = target_artifact("vit-gpt2", "portable")
-    with pytest.raises(KilnError, match="int4-weight cannot run on a portable artifact: its MatMulNBits"):
-        quantize_artifact(artifact, tmp_path / "v", QuantizeConfig("int4-weight"))
+    # A mixed scheme runs only where each of its parts does: its int4 decoder names why.
+    with pytest.raises(
+        KilnError, match=f"^{prefix}scheme int4-weight cannot run on a portable artifact: its MatMulNBits"
+    ):
+        quantize_artifact(artifact, tmp_path / "v", QuantizeConfig(scheme))
 
 
 def test_asymmetric_activations_are_refused_for_tensorrt(trt_artifact, tmp_path):
