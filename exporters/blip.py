@@ -4,9 +4,10 @@ Two graphs, so generation never recomputes what it already knows:
 
 - ``encoder``: pixel_values -> the cross-attention keys and values of every text decoder layer. They depend
   only on the image, so they are computed once per image and reused by every decoding step.
-- ``decoder``: one ``BlipTextLMHeadModel`` step with a self-attention KV cache. The first step feeds the
-  start token ``[DEC]`` (plus any prompt tokens) with an empty past, later steps one token each. Positions
-  come from the past length, as in ``BlipTextEmbeddings``, so the graph takes no ``position_ids``.
+- ``decoder``: one ``BlipTextLMHeadModel`` step with a self-attention KV cache (a buffer written in place,
+  or a past that grows: see ``decoding``). The first step feeds the start token ``[DEC]`` (plus any prompt
+  tokens), later steps one token each. Positions come from the past length, as in ``BlipTextEmbeddings``,
+  so the graph takes no ``position_ids``.
 
 PyTorch's ``generate`` runs the text decoder on ``[DEC] + prompt`` (the tokenized prompt with its ``[CLS]``
 replaced by ``[DEC]`` and its ``[SEP]`` dropped) and stops at ``[SEP]``; ``modelkiln.runtime.blip`` does the
@@ -25,17 +26,22 @@ from torch import nn
 from modelkiln.errors import SourceModelError
 from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
+    SPARE_POSITIONS,
     CacheShape,
+    buffered_cache,
     cache_names,
-    causal_mask,
     cross_attention_components,
+    empty_past,
     load_captioner,
     merge_heads,
     save_processor_files,
     split_heads,
+    step_context,
 )
+from modelkiln.exporters.kv_attention import buffer_attention, cross_attention
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
+from modelkiln.exporters.targets import Target
 
 
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
@@ -75,7 +81,7 @@ class BlipCrossKVEncoder(nn.Module):
 class BlipTextCachedDecoderStep(nn.Module):
     """One BLIP text decoder step: new tokens + self-attention past + cross K/V -> last logits + present."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, buffered: bool):
         super().__init__()
         lm = model.text_decoder
         self.embeddings = lm.bert.embeddings
@@ -83,6 +89,8 @@ class BlipTextCachedDecoderStep(nn.Module):
         self.head = lm.cls.predictions  # transform (dense, act, LayerNorm) then the tied vocab projection
         self.num_heads = lm.config.num_attention_heads
         self.num_layers = lm.config.num_hidden_layers
+        self.scale = (lm.config.hidden_size // self.num_heads) ** -0.5
+        self.buffered = buffered  # the cache form (exporters.decoding)
 
     def _embed(self, input_ids: torch.Tensor, past: int) -> torch.Tensor:
         # BlipTextEmbeddings numbers new tokens from the past length; the prompt is never padded.
@@ -90,23 +98,35 @@ class BlipTextCachedDecoderStep(nn.Module):
         words = self.embeddings.word_embeddings(input_ids)  # [B, T, D]
         return self.embeddings.LayerNorm(words + self.embeddings.position_embeddings(positions)[None])
 
-    def _self_attention(self, attention, hidden, past_key, past_value, mask):
+    def _self_attention(self, attention, hidden, past_key, past_value, context):
         heads = attention.self
-        key = torch.cat([past_key, split_heads(heads.key(hidden), self.num_heads)], dim=2)
-        value = torch.cat([past_value, split_heads(heads.value(hidden), self.num_heads)], dim=2)
-        out = _attend(split_heads(heads.query(hidden), self.num_heads), key, value, mask)
+        query, key, value = heads.query(hidden), heads.key(hidden), heads.value(hidden)
+        if self.buffered:
+            out, key, value = buffer_attention(
+                query, key, value, past_key, past_value, *context, self.num_heads, self.scale
+            )
+            return attention.output(out, hidden), key, value
+        key = torch.cat([past_key, split_heads(key, self.num_heads)], dim=2)
+        value = torch.cat([past_value, split_heads(value, self.num_heads)], dim=2)
+        out = _attend(split_heads(query, self.num_heads), key, value, context)
         # BlipTextSelfOutput: dense, then LayerNorm over the residual sum (post-norm, BERT style).
         return attention.output(merge_heads(out), hidden), key, value
 
     def _cross_attention(self, attention, hidden, cross_key, cross_value):
-        query = split_heads(attention.self.query(hidden), self.num_heads)
-        return attention.output(merge_heads(_attend(query, cross_key, cross_value)), hidden)
+        query = attention.self.query(hidden)
+        if self.buffered:
+            out = cross_attention(query, cross_key, cross_value, self.num_heads, self.scale)
+            return attention.output(out, hidden)
+        out = _attend(split_heads(query, self.num_heads), cross_key, cross_value)
+        return attention.output(merge_heads(out), hidden)
 
     def forward(self, input_ids, attention_mask, *cache: torch.Tensor):
         past, cross = cache[: 2 * self.num_layers], cache[2 * self.num_layers :]
-        past_length = past[0].shape[2]
+        new = input_ids.shape[1]
+        # A buffer's length is its capacity: the mask counts the tokens.
+        past_length = attention_mask.shape[1] - new if self.buffered else past[0].shape[2]
         hidden = self._embed(input_ids, past_length)  # [B, T, D]
-        mask = causal_mask(attention_mask, input_ids.shape[1], past_length)
+        mask = step_context(self.buffered, attention_mask, new, past_length)
         presents = []
         for i, layer in enumerate(self.layers):
             hidden, key, value = self._self_attention(
@@ -130,16 +150,18 @@ def _cache_sizes(model: nn.Module) -> tuple[int, int, int]:
     return text.num_hidden_layers, text.num_attention_heads, text.hidden_size // text.num_attention_heads
 
 
-def build_components(model: nn.Module) -> list[Component]:
-    """The encoder and the cached decoder step, with example inputs and dynamic axes."""
+def build_components(model: nn.Module, target: Target) -> list[Component]:
+    """The encoder and the cached decoder step for ``target``, with example inputs and dynamic axes."""
     cache = CacheShape(*_cache_sizes(model))
     pixel_values = torch.rand(2, *_image_shape(model))
-    step = BlipTextCachedDecoderStep(model)
+    buffered = buffered_cache(target, cache)
+    step = BlipTextCachedDecoderStep(model, buffered)
     vocab = model.config.text_config.vocab_size
     # BLIP's text embeddings derive positions from the past length: no position_ids input.
     return cross_attention_components(
-        BlipCrossKVEncoder(model), step, pixel_values, cache, vocab, positions=False
-    )
+        BlipCrossKVEncoder(model), step, pixel_values, cache, vocab, positions=False,
+        buffered=buffered,
+    )  # fmt: skip
 
 
 def runtime_config(model: nn.Module) -> dict:
@@ -179,16 +201,18 @@ def save_runtime_files(source: Source, model: nn.Module, directory: Path) -> Non
 
 
 def validation_cases(
-    model: nn.Module, pixel_values: torch.Tensor
+    model: nn.Module, pixel_values: torch.Tensor, target: Target
 ) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
     """Realistic inputs per component: real images, the start token, a prompt, then a later step."""
-    encoder, decoder = (component.module for component in build_components(model))
-    layers, heads, head_dim = _cache_sizes(model)
+    encoder, decoder = (component.module for component in build_components(model, target))
+    layers = model.config.text_config.num_hidden_layers
     text = model.config.text_config
     batch = pixel_values.shape[0]
     with torch.no_grad():
         cross = dict(zip(cache_names("cross_attention", layers), encoder(pixel_values), strict=True))
-    empty = {name: torch.zeros(batch, heads, 0, head_dim) for name in cache_names("past_key_values", layers)}
+    # The cases fill 5 positions: the prompt step's 4, then one more.
+    cache = CacheShape(*_cache_sizes(model))
+    empty = empty_past(batch, cache, 5 + SPARE_POSITIONS, buffered_cache(target, cache))
     start = torch.full((batch, 1), text.bos_token_id, dtype=torch.int64)
     first = {"input_ids": start, "attention_mask": torch.ones(batch, 1, dtype=torch.int64), **empty, **cross}
     words = torch.randint(0, text.vocab_size, (batch, 3))

@@ -5,7 +5,8 @@ Two graphs:
 - ``encoder``: pixel_values -> ``prefix_embeds`` [B, num_query_tokens, D]: the vision model, the Q-Former
   over its output and the language projection, i.e. the embeddings transformers puts where the prompt
   holds its ``num_query_tokens`` image tokens. Computed once per image.
-- ``decoder``: one OPT step with a KV cache. It embeds ``input_ids`` with the OPT embedding (tied to the
+- ``decoder``: one OPT step with a KV cache (a buffer written in place, or a past that grows: see
+  ``decoding``). It embeds ``input_ids`` with the OPT embedding (tied to the
   lm_head, so the 500 MB matrix is stored once) and puts ``prefix_embeds`` in front of them. The first
   step feeds the query embeddings and the ids after the image tokens (BOS and the prompt); later steps
   feed one token and an empty prefix [B, 0, D].
@@ -28,16 +29,23 @@ from torch import nn
 from modelkiln.errors import UnsupportedModelError
 from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
+    SPARE_POSITIONS,
+    CacheShape,
+    buffered_cache,
     cache_axes,
     cache_names,
-    causal_mask,
+    empty_past,
+    example_past,
     load_captioner,
     merge_heads,
     save_text_files,
     split_heads,
+    step_context,
 )
+from modelkiln.exporters.kv_attention import buffer_attention
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
+from modelkiln.exporters.targets import Target
 
 
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
@@ -92,8 +100,9 @@ class OPTPrefixDecoderStep(nn.Module):
     weights), with the cache as explicit tensors so the graph has a fixed signature.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, buffered: bool):
         super().__init__()
+        self.buffered = buffered  # the cache form (exporters.decoding)
         lm = model.language_model
         decoder = lm.model.decoder
         config = lm.config
@@ -113,13 +122,20 @@ class OPTPrefixDecoderStep(nn.Module):
         positions = (torch.cumsum(attention_mask, dim=1) * attention_mask - 1).long()
         return self.embed_positions(attention_mask, past, position_ids=positions[:, past:])  # [B, T, D]
 
-    def _self_attention(self, layer, hidden, past_key, past_value, mask):
+    def _self_attention(self, layer, hidden, past_key, past_value, context):
         attn = layer.self_attn
         # OPT scales the query before the product (not the scores): keep its order for identical floats.
-        query = split_heads(attn.q_proj(hidden) * attn.scaling, self.num_heads)
+        query = attn.q_proj(hidden) * attn.scaling
+        if self.buffered:
+            key, value = attn.k_proj(hidden), attn.v_proj(hidden)
+            out, key, value = buffer_attention(
+                query, key, value, past_key, past_value, *context, self.num_heads, 1.0
+            )
+            return attn.out_proj(out), key, value
+        query = split_heads(query, self.num_heads)
         key = torch.cat([past_key, split_heads(attn.k_proj(hidden), self.num_heads)], dim=2)
         value = torch.cat([past_value, split_heads(attn.v_proj(hidden), self.num_heads)], dim=2)
-        scores = torch.matmul(query, key.transpose(-1, -2)) + mask  # [B, H, T, P+T]
+        scores = torch.matmul(query, key.transpose(-1, -2)) + context  # [B, H, T, P+T]
         out = torch.matmul(scores.softmax(dim=-1), value)  # [B, H, T, hd]
         return attn.out_proj(merge_heads(out)), key, value
 
@@ -140,9 +156,11 @@ class OPTPrefixDecoderStep(nn.Module):
 
     def forward(self, input_ids, prefix_embeds, attention_mask, *past: torch.Tensor):
         embeds = torch.cat([prefix_embeds, self.embed_tokens(input_ids)], dim=1)  # [B, P+T, Dw]
-        past_length = past[0].shape[2]
+        new = embeds.shape[1]
+        # A buffer's length is its capacity: the mask counts the tokens.
+        past_length = attention_mask.shape[1] - new if self.buffered else past[0].shape[2]
         hidden = self.project_in(embeds) + self._positions(attention_mask, past_length)  # [B, P+T, D]
-        mask = causal_mask(attention_mask, hidden.shape[1], past_length)
+        mask = step_context(self.buffered, attention_mask, new, past_length)
         presents = []
         for i, layer in enumerate(self.layers):
             hidden, key, value = self._layer(layer, hidden, past[2 * i], past[2 * i + 1], mask)
@@ -158,23 +176,23 @@ def _image_shape(model: nn.Module) -> tuple[int, int, int]:
     return (getattr(config, "num_channels", 3), *size)
 
 
-def _cache_shape(model: nn.Module) -> tuple[int, int, int]:
+def _cache_shape(model: nn.Module) -> CacheShape:
     text = model.config.text_config
-    return text.num_hidden_layers, text.num_attention_heads, text.hidden_size // text.num_attention_heads
+    return CacheShape(
+        text.num_hidden_layers, text.num_attention_heads, text.hidden_size // text.num_attention_heads
+    )
 
 
-def build_components(model: nn.Module) -> list[Component]:
-    """The query encoder and the cached decoder step, with example inputs and dynamic axes."""
-    layers, heads, head_dim = _cache_shape(model)
+def build_components(model: nn.Module, target: Target) -> list[Component]:
+    """The query encoder and the cached decoder step for ``target``, with example inputs and dynamic axes."""
+    cache = _cache_shape(model)
     text = model.config.text_config
     batch, prefix, new, past = 2, 5, 3, 4  # distinct sizes >1, so the tracer keeps every axis symbolic
     decoder_inputs = {
         "input_ids": torch.randint(0, text.vocab_size, (batch, new)),
         "prefix_embeds": torch.randn(batch, prefix, text.word_embed_proj_dim),
         "attention_mask": torch.ones(batch, past + prefix + new, dtype=torch.int64),
-        **{
-            name: torch.randn(batch, heads, past, head_dim) for name in cache_names("past_key_values", layers)
-        },
+        **example_past(batch, cache, past, buffered_cache(target, cache)),
     }
     batch_axis = {0: "batch"}
     decoder_axes = {
@@ -182,7 +200,7 @@ def build_components(model: nn.Module) -> list[Component]:
         "prefix_embeds": {0: "batch", 1: "prefix_sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
         "logits": batch_axis,
-        **cache_axes(layers),
+        **cache_axes(cache.layers, buffered_cache(target, cache)),
     }
     return [
         Component(
@@ -194,9 +212,9 @@ def build_components(model: nn.Module) -> list[Component]:
         ),
         Component(
             name="decoder",
-            module=OPTPrefixDecoderStep(model),
+            module=OPTPrefixDecoderStep(model, buffered_cache(target, cache)),
             example_inputs=decoder_inputs,
-            output_names=("logits", *cache_names("present", layers)),
+            output_names=("logits", *cache_names("present", cache.layers)),
             dynamic_axes=decoder_axes,
         ),
     ]
@@ -204,15 +222,15 @@ def build_components(model: nn.Module) -> list[Component]:
 
 def runtime_config(model: nn.Module) -> dict:
     """What the runtime needs beyond the graphs: the cache layout and how generate builds the prompt."""
-    layers, heads, head_dim = _cache_shape(model)
+    cache = _cache_shape(model)
     text = model.config.text_config
     return {
         "num_query_tokens": model.config.num_query_tokens,
         "image_token_index": model.config.image_token_index,
         "bos_token_id": text.bos_token_id,
-        "num_layers": layers,
-        "num_heads": heads,
-        "head_dim": head_dim,
+        "num_layers": cache.layers,
+        "num_heads": cache.heads,
+        "head_dim": cache.head_dim,
         "max_positions": text.max_position_embeddings,
     }
 
@@ -222,26 +240,27 @@ def save_runtime_files(source: Source, model: nn.Module, directory: Path) -> Non
     save_text_files(source, directory, fallback_config=model.config.text_config)
 
 
-def _first_step(model: nn.Module, prefix: torch.Tensor) -> dict[str, torch.Tensor]:
-    layers, heads, head_dim = _cache_shape(model)
+def _first_step(model: nn.Module, prefix: torch.Tensor, buffered: bool) -> dict[str, torch.Tensor]:
     batch, queries = prefix.shape[:2]
+    # The cases fill the queries, BOS and one more token.
+    capacity = queries + 2 + SPARE_POSITIONS
     return {
         "input_ids": torch.full((batch, 1), model.config.text_config.bos_token_id, dtype=torch.int64),
         "prefix_embeds": prefix,
         "attention_mask": torch.ones(batch, queries + 1, dtype=torch.int64),
-        **{name: torch.zeros(batch, heads, 0, head_dim) for name in cache_names("past_key_values", layers)},
+        **empty_past(batch, _cache_shape(model), capacity, buffered),
     }
 
 
 def validation_cases(
-    model: nn.Module, pixel_values: torch.Tensor
+    model: nn.Module, pixel_values: torch.Tensor, target: Target
 ) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
     """Realistic inputs per component: real images, then a first (queries + BOS) and a later step."""
-    encoder, decoder = (component.module for component in build_components(model))
+    encoder, decoder = (component.module for component in build_components(model, target))
     layers = model.config.text_config.num_hidden_layers
     with torch.no_grad():
         (prefix,) = encoder(pixel_values)
-        first = _first_step(model, prefix)
+        first = _first_step(model, prefix, buffered_cache(target, _cache_shape(model)))
         _, *present = decoder(*first.values())
     batch, queries, width = prefix.shape
     later = {

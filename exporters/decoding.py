@@ -2,15 +2,26 @@
 
 Family files (``vit_gpt2.py``, ``blip.py``, ``blip_2.py``) build their step modules from these so the
 runtime sees one naming scheme: ``past_key_values.{i}.key|value`` in, ``present.{i}.key|value`` out.
+
+The cache takes one of two forms, chosen by the export target (``buffered_cache``):
+
+- a buffer (onnxruntime target): ``past`` and ``present`` are the same [B, H, capacity, hd] buffer, which
+  the runtime allocates once per request and binds as both; the step writes its tokens in place
+  (``kv_attention.buffer_attention``, onnxruntime's GroupQueryAttention) and cross-attention is fused too.
+- a growing past (portable and tensorrt targets, standard ops only): ``present`` is ``past`` with the new
+  tokens concatenated, [B, H, past + new, hd], and attention is plain MatMul/Softmax.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from modelkiln.manifest import CAPACITY_AXIS
 
 from .onnx_export import Component
 from .source import (
@@ -20,6 +31,7 @@ from .source import (
     load_pretrained,
     save_image_processor_config,
 )
+from .targets import Target
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -50,12 +62,74 @@ def cache_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
-def cache_axes(layers: int) -> dict[str, dict[int, str]]:
-    """Dynamic axes of the self-attention cache: the past grows into the present each step."""
+# onnxruntime's GroupQueryAttention CPU kernel takes head sizes that are multiples of 8 (the real
+# captioners' are: GPT-2 and BLIP 64, OPT-2.7B 80); other decoders keep a growing past on every target.
+BUFFER_HEAD_MULTIPLE = 8
+
+
+def buffered_cache(target: Target, cache: CacheShape) -> bool:
+    """Whether a decoder exported for ``target`` keeps its cache in a buffer written in place."""
+    return target.buffered_cache and cache.head_dim % BUFFER_HEAD_MULTIPLE == 0
+
+
+def cache_axes(layers: int, buffered: bool) -> dict[str, dict[int, str]]:
+    """Dynamic axes of the self-attention cache: one capacity for a buffer, or a past that grows into
+    the present each step."""
+    past, present = (CAPACITY_AXIS, CAPACITY_AXIS) if buffered else ("past_sequence", "total_sequence")
     return {
-        **{name: {0: "batch", 2: "past_sequence"} for name in cache_names("past_key_values", layers)},
-        **{name: {0: "batch", 2: "total_sequence"} for name in cache_names("present", layers)},
+        **{name: {0: "batch", 2: past} for name in cache_names("past_key_values", layers)},
+        **{name: {0: "batch", 2: present} for name in cache_names("present", layers)},
     }
+
+
+def example_past(batch: int, cache: CacheShape, past: int, buffered: bool) -> dict[str, torch.Tensor]:
+    """Tracing inputs for the cache: ``past`` tokens, or when buffered a buffer with room to spare (a size
+    distinct from every other axis, so the tracer keeps the capacity symbolic)."""
+    length = past + 5 if buffered else past
+    return {
+        name: torch.randn(batch, cache.heads, length, cache.head_dim)
+        for name in cache_names("past_key_values", cache.layers)
+    }
+
+
+# Validation buffers hold this many positions beyond what the cases fill: the untouched rows must come
+# back unchanged from the graph, as from PyTorch.
+SPARE_POSITIONS = 3
+
+
+def empty_past(batch: int, cache: CacheShape, capacity: int, buffered: bool) -> dict[str, torch.Tensor]:
+    """The cache before the first step: an empty past, or a zeroed buffer of ``capacity`` positions."""
+    length = capacity if buffered else 0
+    return {
+        name: torch.zeros(batch, cache.heads, length, cache.head_dim)
+        for name in cache_names("past_key_values", cache.layers)
+    }
+
+
+def step_context(
+    buffered: bool, attention_mask: torch.Tensor, new_tokens: int, past_length
+) -> tuple | torch.Tensor:
+    """What a step's self-attention takes beside its tokens: the buffer inputs, or the causal mask."""
+    if buffered:
+        return buffer_step(attention_mask, new_tokens)
+    return causal_mask(attention_mask, new_tokens, past_length)
+
+
+class BufferStep(NamedTuple):
+    """Inputs ``buffer_attention`` takes beside the tokens, derived in the graph from the attention mask."""
+
+    seqlens_k: torch.Tensor  # int32 [B]: index of every row's last token (total - 1)
+    total_length: torch.Tensor  # int32 []: tokens in the buffer after this step
+    bias: torch.Tensor  # float32 [B, 1, new, total]: 0 where attended, the float32 minimum on left padding
+
+
+def buffer_step(attention_mask: torch.Tensor, new_tokens: int) -> BufferStep:
+    """The step's buffer inputs. Prompts are padded on the left, so every row ends at the same position."""
+    total = attention_mask.shape[1]
+    last = (attention_mask[:, 0] * 0 + (total - 1)).to(torch.int32)  # [B]
+    blocked = torch.finfo(torch.float32).min
+    bias = torch.where(attention_mask.bool(), 0.0, blocked)[:, None, None, :].expand(-1, 1, new_tokens, -1)
+    return BufferStep(last, (attention_mask.new_ones(()) * total).to(torch.int32), bias)
 
 
 @dataclass(frozen=True)
@@ -74,11 +148,13 @@ def cross_attention_components(
     cache: CacheShape,
     vocab_size: int,
     positions: bool,
+    buffered: bool,
     fuse_encoder_attention: bool = False,
 ) -> list[Component]:
     """Encoder (image -> per-layer cross K/V) and cached decoder step, for cross-attention captioners.
 
     ``positions``: whether the decoder step takes ``position_ids`` (GPT-2) or derives them (BLIP).
+    ``buffered``: the decoder's cache form (see the module docstring); the step module must match it.
     ``fuse_encoder_attention``: the encoder's attention is SDPA the fusion matches (ViT; BLIP's is not).
     """
     cross_names = cache_names("cross_attention", cache.layers)
@@ -89,10 +165,7 @@ def cross_attention_components(
         "input_ids": torch.randint(0, vocab_size, (batch, new)),
         "attention_mask": torch.ones(batch, past + new, dtype=torch.int64),
         **({"position_ids": torch.arange(past, past + new).repeat(batch, 1)} if positions else {}),
-        **{
-            name: torch.randn(batch, cache.heads, past, cache.head_dim)
-            for name in cache_names("past_key_values", cache.layers)
-        },
+        **example_past(batch, cache, past, buffered),
         # Encoder outputs are transposed views; the tracer needs plain strides.
         **{name: tensor.contiguous() for name, tensor in zip(cross_names, cross, strict=True)},
     }
@@ -102,7 +175,7 @@ def cross_attention_components(
         "attention_mask": {0: "batch", 1: "total_sequence"},
         **({"position_ids": {0: "batch", 1: "sequence"}} if positions else {}),
         "logits": batch_axis,
-        **cache_axes(cache.layers),
+        **cache_axes(cache.layers, buffered),
         **{name: batch_axis for name in cross_names},
     }
     return [

@@ -43,8 +43,8 @@ class ExportConfig:
     max_sequence_length: int | None = None  # diffusion only: T5 prompt length (None: the family default)
     without: tuple[str, ...] = ()  # diffusion only: optional components left out (SD3: text_encoder_3)
     # Rewrite attention into onnxruntime's MultiHeadAttention in the components that declare it (the
-    # SD3/Flux transformers, where it was measured faster). Only the onnxruntime target fuses: False
-    # keeps its graphs in standard ONNX ops too (the portable and tensorrt targets never fuse).
+    # SD3/Flux transformers and ViT, where it was measured faster; only the onnxruntime target declares
+    # any). A captioning decoder's cache form is the target's: --target portable for standard ops only.
     fuse_attention: bool = True
     target: str = DEFAULT_TARGET  # key of exporters.targets.TARGETS: onnxruntime, portable, tensorrt
 
@@ -152,10 +152,11 @@ def export_model(
         # 3. Export component by component, freeing each trace before the next; each graph is made to
         # fit the target and checked against it (a node the target cannot take fails the export).
         components = {}
-        fuse = config.fuse_attention and target.fuse_attention
-        for component in exporter.build_components(torch_model):
+        for component in exporter.build_components(torch_model, target):
             log(f"exporting {component.name}")
-            spec = export_component(component, staging, config.opset, config.external_data, fuse)
+            spec = export_component(
+                component, staging, config.opset, config.external_data, config.fuse_attention
+            )
             finish_for_target(staging / spec.file, target, f"component {component.name}")
             components[component.name] = spec
             del component

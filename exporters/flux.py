@@ -32,6 +32,7 @@ from modelkiln.exporters.diffusion import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
+from modelkiln.exporters.targets import Target
 
 PIPELINE = PipelineSpec(
     pipeline_class="FluxPipeline",
@@ -52,7 +53,7 @@ def load_model(
     )
 
 
-def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
+def denoiser_component(transformer: nn.Module, text_length: int, fuse: bool) -> Component:
     from diffusers import FluxPipeline
 
     config = transformer.config
@@ -81,17 +82,18 @@ def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
         inputs["guidance"] = torch.tensor([3.5, 3.5])
         axes["guidance"] = {0: "batch"}
     call = DenoiserCall(transformer, tuple(inputs))
-    return Component("transformer", call, inputs, ("noise_pred",), axes, fuse_attention=True)
+    # Fused where the target allows: measured faster on onnxruntime (benchmarks/results/sd3-step-full).
+    return Component("transformer", call, inputs, ("noise_pred",), axes, fuse_attention=fuse)
 
 
-def build_components(models: PipelineModels) -> Iterator[Component]:
-    """Each component in turn, loaded just before its export and released right after."""
+def build_components(models: PipelineModels, target: Target) -> Iterator[Component]:
+    """Each component in turn for ``target``, loaded just before its export and released right after."""
     length = models.options["max_sequence_length"]
     yield clip_component("text_encoder", models.module("text_encoder"), "pooled")
     models.release("text_encoder")
     yield t5_component("text_encoder_2", models.module("text_encoder_2"), length)
     models.release("text_encoder_2")
-    yield denoiser_component(models.module("transformer"), length)
+    yield denoiser_component(models.module("transformer"), length, target.fuse_attention)
     models.release("transformer")
     yield vae_decoder_component(models.module("vae"))
     models.release("vae")

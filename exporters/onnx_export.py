@@ -21,6 +21,7 @@ import onnx
 import torch
 
 from modelkiln.exporters.attention import fuse_attention
+from modelkiln.exporters.kv_attention import TRANSLATIONS
 from modelkiln.manifest import ComponentSpec, TensorSpec
 
 # Protobuf cannot hold a message over 2 GiB, so larger graphs must keep their weights outside.
@@ -120,6 +121,8 @@ def _trace(component: Component, opset: int) -> torch.onnx.ONNXProgram:
             opset_version=opset,
             dynamo=True,
             verbose=False,
+            # The decoders' cache attention ops become onnxruntime's fused kernels (exporters.kv_attention).
+            custom_translation_table=TRANSLATIONS,
         )
 
 

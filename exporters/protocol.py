@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:  # annotations only: importing them here would load torch for a type
     from .onnx_export import Component
     from .source import Source
+    from .targets import Target
 
 
 @runtime_checkable
@@ -31,8 +32,9 @@ class FamilyExporter(Protocol):
         """The PyTorch model (or pipeline of models) in fp32 eval mode. ``options`` are the family's
         declared ``export_options`` (each a keyword parameter with a default in the module)."""
 
-    def build_components(self, model: Any) -> Iterable[Component]:
-        """The graphs to export, each wrapping the loaded weights, in export order."""
+    def build_components(self, model: Any, target: Target) -> Iterable[Component]:
+        """The graphs to export for ``target``, each wrapping the loaded weights, in export order. The
+        target decides the contrib ops a graph may use (fused attention, a buffered decoder cache)."""
 
     def runtime_config(self, model: Any) -> dict[str, Any]:
         """The manifest's ``runtime`` section: what the runtime pipeline needs beyond the graphs."""
@@ -45,8 +47,11 @@ class FamilyExporter(Protocol):
 class CaptionerExporter(FamilyExporter, Protocol):
     """What image-to-text family modules provide on top: the PyTorch side of validation."""
 
-    def validation_cases(self, model: Any, pixel_values: Any) -> list[tuple[str, str, dict[str, Any]]]:
-        """(graph, case name, inputs) to run through both the graph and its PyTorch module."""
+    def validation_cases(
+        self, model: Any, pixel_values: Any, target: Target
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """(graph, case name, inputs) to run through both the graph and its PyTorch module, for the
+        graphs exported for ``target``."""
 
     def torch_captions(
         self, model: Any, pixel_values: Any, prompt: str | None, **generation: Any

@@ -33,6 +33,7 @@ from modelkiln.exporters.diffusion import (
 )
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
+from modelkiln.exporters.targets import Target
 
 PIPELINE = PipelineSpec(
     pipeline_class="StableDiffusion3Pipeline",
@@ -84,7 +85,7 @@ def _patch_pos_embed_crop(transformer: nn.Module) -> None:
         embed.cropped_pos_embed = types.MethodType(_exact_cropped_pos_embed, embed)
 
 
-def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
+def denoiser_component(transformer: nn.Module, text_length: int, fuse: bool) -> Component:
     config = transformer.config
     patch = config.patch_size
     # Unequal, non-square example sides keep the exporter from tying height to width.
@@ -103,11 +104,12 @@ def denoiser_component(transformer: nn.Module, text_length: int) -> Component:
     }
     _patch_pos_embed_crop(transformer)
     call = DenoiserCall(transformer, tuple(inputs))
-    return Component("transformer", call, inputs, ("noise_pred",), axes, fuse_attention=True)
+    # Fused where the target allows: measured faster on onnxruntime (benchmarks/results/sd3-step-full).
+    return Component("transformer", call, inputs, ("noise_pred",), axes, fuse_attention=fuse)
 
 
-def build_components(models: PipelineModels) -> Iterator[Component]:
-    """Each component in turn, loaded just before its export and released right after."""
+def build_components(models: PipelineModels, target: Target) -> Iterator[Component]:
+    """Each component in turn for ``target``, loaded just before its export and released right after."""
     length = models.options["max_sequence_length"]
     for name in ("text_encoder", "text_encoder_2"):
         yield clip_component(name, models.module(name), "pooled+penultimate")
@@ -115,7 +117,7 @@ def build_components(models: PipelineModels) -> Iterator[Component]:
     if models.has("text_encoder_3"):
         yield t5_component("text_encoder_3", models.module("text_encoder_3"), length)
         models.release("text_encoder_3")
-    yield denoiser_component(models.module("transformer"), CLIP_LENGTH + length)
+    yield denoiser_component(models.module("transformer"), CLIP_LENGTH + length, target.fuse_attention)
     models.release("transformer")
     yield vae_decoder_component(models.module("vae"))
     models.release("vae")

@@ -7,8 +7,8 @@ torch or onnx load. ``exporters.target_graphs`` applies and checks a target on a
     target.fuse_attention            # False: no onnxruntime contrib ops in its graphs
     target.allows_scheme("int8-dynamic")   # False: TensorRT's parser has no DynamicQuantizeLinear
 
-``onnxruntime`` is today's graphs (attention fused into ``com.microsoft.MultiHeadAttention`` where
-declared); ``portable`` and ``tensorrt`` hold standard-domain ONNX ops only, every weight and constant an
+``onnxruntime`` graphs use onnxruntime's contrib ops: attention fused into ``MultiHeadAttention`` where
+declared, captioning decoders on a KV-cache buffer updated in place (``GroupQueryAttention``); ``portable`` and ``tensorrt`` hold standard-domain ONNX ops only, every weight and constant an
 initializer; ``tensorrt`` also passes TensorRT's ONNX-parser support matrix (exporters.tensorrt_ops).
 """
 
@@ -31,6 +31,9 @@ class Target:
     standard_ops_only: bool  # every node in the default ONNX domain; Constant nodes become initializers
     tensorrt_ops: bool  # every node checked against TensorRT's parser matrix (exporters.tensorrt_ops)
     min_opset: int  # lowest opset the target takes (17: LayerNormalization as one node)
+    # Captioning decoders keep their self-attention cache in a preallocated buffer written in place by
+    # onnxruntime's GroupQueryAttention (exporters.decoding); False: a past that grows by concatenation.
+    buffered_cache: bool
     # Quantization scheme -> options its variants need on this target (forced; a contrary value is
     # refused). None: every scheme; otherwise the schemes not listed cannot run on this target.
     schemes: dict[str, dict] | None = None
@@ -43,11 +46,12 @@ class Target:
 TARGETS: dict[str, Target] = {
     "onnxruntime": Target(
         name="onnxruntime",
-        description="onnxruntime's graphs: attention fused into com.microsoft.MultiHeadAttention where faster",
+        description="onnxruntime's graphs: fused attention contrib ops, decoders on an in-place KV-cache buffer",
         fuse_attention=True,
         standard_ops_only=False,
         tensorrt_ops=False,
         min_opset=14,
+        buffered_cache=True,
     ),
     "portable": Target(
         name="portable",
@@ -56,6 +60,7 @@ TARGETS: dict[str, Target] = {
         standard_ops_only=True,
         tensorrt_ops=False,
         min_opset=17,
+        buffered_cache=False,
         # MatMulNBits is an onnxruntime contrib op; the int8 schemes and fp16 stay in the standard domain.
         schemes={"int8-dynamic": {}, "int8-static": {}, "fp16": {}},
         refused_why={"int4-weight": "its MatMulNBits is an onnxruntime contrib op"},
@@ -67,6 +72,7 @@ TARGETS: dict[str, Target] = {
         standard_ops_only=True,
         tensorrt_ops=True,
         min_opset=17,
+        buffered_cache=False,
         # TensorRT runs explicit int8 as QDQ with zero points of 0 on weights and activations, and fp16
         # with the fp32 keep-list (LayerNorm, Softmax statistics).
         schemes={"int8-static": {"symmetric_activations": True}, "fp16": {"keep_fp32_ops": True}},

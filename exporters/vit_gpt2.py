@@ -4,8 +4,8 @@ Two graphs, so generation never recomputes what it already knows:
 
 - ``encoder``: pixel_values -> the cross-attention keys and values of every decoder layer. They depend
   only on the image, so they are computed once per image and reused by every decoding step.
-- ``decoder``: one decoding step with a self-attention KV cache. The past grows by the tokens fed;
-  the first step feeds the start token with an empty past (length 0), later steps one token each.
+- ``decoder``: one decoding step with a self-attention KV cache (a buffer written in place, or a past
+  that grows: see ``decoding``). The first step feeds the start token, later steps one token each.
 
 Used by ``modelkiln.exporters.export.export_model``; see that module for the call.
 """
@@ -19,17 +19,22 @@ from torch import nn
 
 from modelkiln.exporters import decoding
 from modelkiln.exporters.decoding import (
+    SPARE_POSITIONS,
     CacheShape,
+    buffered_cache,
     cache_names,
-    causal_mask,
     cross_attention_components,
+    empty_past,
     load_captioner,
     merge_heads,
     save_text_files,
     split_heads,
+    step_context,
 )
+from modelkiln.exporters.kv_attention import buffer_attention, cross_attention
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
+from modelkiln.exporters.targets import Target
 
 
 def load_model(source: Source, trust_remote_code: bool = False) -> nn.Module:
@@ -76,7 +81,7 @@ class ViTCrossKVEncoder(nn.Module):
 class GPT2CachedDecoderStep(nn.Module):
     """One GPT-2 decoding step: new tokens + self-attention past + cross K/V -> last logits + present."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, buffered: bool):
         super().__init__()
         lm = model.decoder
         self.transformer = lm.transformer
@@ -84,22 +89,33 @@ class GPT2CachedDecoderStep(nn.Module):
         self.num_heads = lm.config.n_head
         self.num_layers = lm.config.n_layer
         self.scales = [_attention_scale(lm.config, i) for i in range(self.num_layers)]
+        self.buffered = buffered  # the cache form (exporters.decoding)
 
-    def _self_attention(self, block, hidden, past_key, past_value, mask, scale):
+    def _self_attention(self, block, hidden, past_key, past_value, context, scale):
         query, key, value = block.attn.c_attn(block.ln_1(hidden)).split(hidden.shape[-1], dim=2)
+        if self.buffered:
+            out, key, value = buffer_attention(
+                query, key, value, past_key, past_value, *context, self.num_heads, scale
+            )
+            return block.attn.c_proj(out), key, value
         key = torch.cat([past_key, split_heads(key, self.num_heads)], dim=2)
         value = torch.cat([past_value, split_heads(value, self.num_heads)], dim=2)
-        out = _attend(split_heads(query, self.num_heads), key, value, scale, mask)
+        out = _attend(split_heads(query, self.num_heads), key, value, scale, context)
         return block.attn.c_proj(merge_heads(out)), key, value
 
     def _cross_attention(self, block, hidden, cross_key, cross_value, scale):
-        query = split_heads(block.crossattention.q_attn(block.ln_cross_attn(hidden)), self.num_heads)
-        return block.crossattention.c_proj(merge_heads(_attend(query, cross_key, cross_value, scale)))
+        query = block.crossattention.q_attn(block.ln_cross_attn(hidden))
+        if self.buffered:
+            return block.crossattention.c_proj(
+                cross_attention(query, cross_key, cross_value, self.num_heads, scale)
+            )
+        out = _attend(split_heads(query, self.num_heads), cross_key, cross_value, scale)
+        return block.crossattention.c_proj(merge_heads(out))
 
     def forward(self, input_ids, attention_mask, position_ids, *cache: torch.Tensor):
         past, cross = cache[: 2 * self.num_layers], cache[2 * self.num_layers :]
         hidden = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # [B, T, D]
-        mask = causal_mask(attention_mask, input_ids.shape[1], past[0].shape[2])
+        mask = step_context(self.buffered, attention_mask, input_ids.shape[1], past[0].shape[2])
         presents = []
         for i, block in enumerate(self.transformer.h):
             attn, key, value = self._self_attention(
@@ -121,17 +137,21 @@ def _image_shape(model: nn.Module) -> tuple[int, int, int]:
     return (config.num_channels, *size)
 
 
-def build_components(model: nn.Module) -> list[Component]:
-    """The encoder and the cached decoder step, with example inputs and dynamic axes."""
+def _cache(model: nn.Module) -> CacheShape:
     config = model.decoder.config
-    cache = CacheShape(config.n_layer, config.n_head, config.n_embd // config.n_head)
+    return CacheShape(config.n_layer, config.n_head, config.n_embd // config.n_head)
+
+
+def build_components(model: nn.Module, target: Target) -> list[Component]:
+    """The encoder and the cached decoder step for ``target``, with example inputs and dynamic axes."""
     pixel_values = torch.rand(2, *_image_shape(model))
-    step = GPT2CachedDecoderStep(model)
+    buffered = buffered_cache(target, _cache(model))
+    step = GPT2CachedDecoderStep(model, buffered)
     # Fused attention: ViT-B/16 at 224 px, 1.07x fp32 and 1.19x int8 per encoder call (see
     # benchmarks/results/vit-gpt2-full/notes.md).
     return cross_attention_components(
-        ViTCrossKVEncoder(model), step, pixel_values, cache, config.vocab_size, positions=True,
-        fuse_encoder_attention=True,
+        ViTCrossKVEncoder(model), step, pixel_values, _cache(model), model.decoder.config.vocab_size,
+        positions=True, buffered=buffered, fuse_encoder_attention=target.fuse_attention,
     )  # fmt: skip
 
 
@@ -153,12 +173,11 @@ def save_runtime_files(source: Source, model: nn.Module, directory: Path) -> Non
 
 
 def validation_cases(
-    model: nn.Module, pixel_values: torch.Tensor
+    model: nn.Module, pixel_values: torch.Tensor, target: Target
 ) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
     """Realistic inputs per component: real images, then a first and a later decoding step."""
-    encoder, decoder = (component.module for component in build_components(model))
-    layers, heads = model.decoder.config.n_layer, model.decoder.config.n_head
-    head_dim = model.decoder.config.n_embd // heads
+    encoder, decoder = (component.module for component in build_components(model, target))
+    layers = model.decoder.config.n_layer
     batch = pixel_values.shape[0]
     with torch.no_grad():
         cross = dict(zip(cache_names("cross_attention", layers), encoder(pixel_values), strict=True))
@@ -167,7 +186,7 @@ def validation_cases(
         "input_ids": start,
         "attention_mask": torch.ones(batch, 1, dtype=torch.int64),
         "position_ids": torch.zeros(batch, 1, dtype=torch.int64),
-        **{name: torch.zeros(batch, heads, 0, head_dim) for name in cache_names("past_key_values", layers)},
+        **empty_past(batch, _cache(model), 2 + SPARE_POSITIONS, buffered_cache(target, _cache(model))),
         **cross,
     }
     with torch.no_grad():

@@ -27,6 +27,9 @@ from modelkiln.errors import ArtifactError
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "modelkiln-artifact"
 FORMAT_VERSION = 1
+# Dynamic axis of a decoder self-attention cache that is a preallocated buffer written in place (the
+# onnxruntime target); a cache that grows step by step names its axis after the sequence instead.
+CAPACITY_AXIS = "capacity"
 
 
 @dataclass(frozen=True)

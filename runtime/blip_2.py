@@ -13,9 +13,8 @@ prefix. Returned texts include the prompt, as ``processor.batch_decode(model.gen
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
-from .captioning import CaptioningPipeline, OrtCachedDecoder, _ortvalue
+from .captioning import BufferCache, CaptioningPipeline, GrowingCache, OrtCachedDecoder, _ortvalue
 
 PREFIX_INPUT = "prefix_embeds"
 
@@ -27,9 +26,9 @@ class OrtPrefixDecoder(OrtCachedDecoder):
     and only the ids after them; later steps feed an empty prefix [B, 0, D].
     """
 
-    def __init__(self, session: ort.InferenceSession, prefix: np.ndarray, past_specs, image_token_id: int):
+    def __init__(self, session, prefix: np.ndarray, cache: BufferCache | GrowingCache, image_token_id: int):
         self.image_token_id = image_token_id
-        super().__init__(session, {PREFIX_INPUT: prefix}, past_specs)
+        super().__init__(session, {PREFIX_INPUT: prefix}, cache)
 
     def _reset_cache(self) -> None:
         super()._reset_cache()
@@ -57,10 +56,10 @@ class OrtPrefixDecoder(OrtCachedDecoder):
 class Blip2CaptioningPipeline(CaptioningPipeline):
     """``pipe(images, prompt=None, **generation)`` -> captions (or answers) like transformers' BLIP-2."""
 
-    def make_decoder(self, pixel_values: np.ndarray) -> OrtPrefixDecoder:
+    def make_decoder(self, pixel_values: np.ndarray, capacity: int) -> OrtPrefixDecoder:
         prefix = self.encode(pixel_values)[PREFIX_INPUT]
         image_token = self.manifest.runtime["image_token_index"]
-        return OrtPrefixDecoder(self.decoder_session, prefix, self.past_specs, image_token)
+        return OrtPrefixDecoder(self.decoder_session, prefix, self.cache(capacity), image_token)
 
     def prompt_ids(self, prompt: str | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """``[image token] * num_query_tokens`` then BOS (no prompt) or the tokenized prompt (BOS included).

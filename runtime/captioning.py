@@ -6,7 +6,8 @@
 Families with cross-attention decoders (ViT-GPT2) share this pipeline: the encoder graph returns one
 tensor per decoder cross-attention input (same names on both graphs), and the decoder graph takes
 ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.*`` and returns ``logits`` and
-``present.*``. The KV cache stays in onnxruntime ``OrtValue``s between steps.
+``present.*``. The KV cache is a buffer per layer allocated once per request and written in place by
+the graph (onnxruntime target), or a past the graph lengthens every step (portable target).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from modelkiln.errors import GenerationConfigError
-from modelkiln.manifest import Manifest, TensorSpec
+from modelkiln.manifest import CAPACITY_AXIS, Manifest, TensorSpec
 
 from .generation import GenerationSettings, generate
 from .images import ImagePreprocessor, load_images
@@ -28,6 +29,7 @@ from .text import TextCodec
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
+CAPACITY_ROUNDING = 16  # cache buffers hold a multiple of this many positions
 
 
 def _ortvalue(array: np.ndarray) -> ort.OrtValue:
@@ -42,35 +44,120 @@ def position_ids(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
     return positions[:, -new_tokens:].astype(np.int64)
 
 
+class GrowingCache:
+    """A past that grows: each step's ``present.*`` outputs are the next step's ``past_key_values.*``
+    inputs, one position longer (graphs of the portable and tensorrt targets)."""
+
+    def __init__(self, specs: list[TensorSpec]):
+        self.specs = specs  # the decoder's past inputs [batch, heads, past, head_dim]
+
+    def reset(self, batch: int) -> None:
+        # [batch, heads, 0, head_dim]: the first step attends to no past at all.
+        self.past = {
+            spec.name: _ortvalue(np.zeros(_cache_shape(spec, batch, 0), np.float32)) for spec in self.specs
+        }
+
+    def inputs(self, total: int) -> dict[str, ort.OrtValue]:
+        return self.past
+
+    def bound(self) -> dict[str, ort.OrtValue] | None:
+        return None
+
+    def update(self, outputs: dict[str, ort.OrtValue], total: int) -> None:
+        self.past = {
+            PAST_PREFIX + name[len(PRESENT_PREFIX) :]: value
+            for name, value in outputs.items()
+            if name.startswith(PRESENT_PREFIX)
+        }
+
+    def reorder(self, beam_idx: np.ndarray) -> None:
+        self.past = {
+            name: _ortvalue(np.take(value.numpy(), beam_idx, axis=0)) for name, value in self.past.items()
+        }
+
+
+class BufferCache:
+    """Buffers of ``capacity`` positions allocated once per request and bound as both the past input and
+    the present output (onnxruntime-target graphs): the graph writes each step's keys and values in place
+    and attends to the filled positions, so nothing is concatenated or copied between steps."""
+
+    def __init__(self, specs: list[TensorSpec], capacity: int, device: str):
+        self.specs = specs  # the decoder's past inputs [batch, heads, capacity, head_dim]
+        self.capacity = capacity  # positions per buffer: the prompt plus every token generation may add
+        self.device = device  # where the buffers live: "cpu", or "cuda" for the CUDA backend
+
+    def reset(self, batch: int) -> None:
+        arrays = [np.zeros(_cache_shape(spec, batch, self.capacity), np.float32) for spec in self.specs]
+        # On the CPU, ortvalue_from_numpy shares the array's memory; on CUDA it copies it to the device.
+        self.values = {
+            spec.name: ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+            for spec, array in zip(self.specs, arrays, strict=True)
+        }
+        self.arrays = dict(zip(self.values, arrays, strict=True)) if self.device == "cpu" else {}
+        self.filled = 0
+
+    def inputs(self, total: int) -> dict[str, ort.OrtValue]:
+        if total > self.capacity:
+            raise ValueError(
+                f"the step needs {total} cache positions but the buffers hold {self.capacity}: make the "
+                "decoder with a capacity of at least the prompt length plus max_new_tokens."
+            )
+        return self.values
+
+    def bound(self) -> dict[str, ort.OrtValue]:
+        return {PRESENT_PREFIX + name[len(PAST_PREFIX) :]: value for name, value in self.values.items()}
+
+    def update(self, outputs: dict[str, ort.OrtValue], total: int) -> None:
+        self.filled = total
+
+    def reorder(self, beam_idx: np.ndarray) -> None:
+        # Only rows whose beam changed are rewritten, and only their filled positions.
+        moved = np.flatnonzero(beam_idx != np.arange(len(beam_idx)))
+        for name, value in self.values.items():
+            if self.device == "cpu":
+                _copy_rows(self.arrays[name], beam_idx, moved, self.filled)
+            else:  # a round trip through the host, on beam reorders only
+                host = value.numpy()
+                _copy_rows(host, beam_idx, moved, self.filled)
+                value.update_inplace(host)
+
+
+def _copy_rows(array: np.ndarray, beam_idx: np.ndarray, moved: np.ndarray, filled: int) -> None:
+    # The fancy index on the right copies the source rows first, so a row may feed another and be
+    # overwritten in the same call.
+    array[moved, :, :filled] = array[beam_idx[moved], :, :filled]
+
+
+def _cache_shape(spec: TensorSpec, batch: int, length: int) -> list[int]:
+    """[batch, heads, length, head_dim] for a past input whose batch and length axes are symbolic."""
+    return [batch if axis == 0 else (length if axis == 2 else size) for axis, size in enumerate(spec.shape)]
+
+
+def is_buffered(past_specs: list[TensorSpec]) -> bool:
+    """Whether the decoder keeps its cache in a buffer (the axis its exporter names ``capacity``)."""
+    return bool(past_specs) and past_specs[0].shape[2] == CAPACITY_AXIS
+
+
 class OrtCachedDecoder:
-    """A ``StepDecoder`` over a decoder graph with a self-attention KV cache.
+    """A ``StepDecoder`` over a decoder graph with a self-attention KV cache (a ``BufferCache`` or a
+    ``GrowingCache``, whichever form the graph was exported in).
 
     ``static`` holds per-row inputs that never change during generation (cross-attention K/V).
     """
 
-    def __init__(
-        self, session: ort.InferenceSession, static: dict[str, np.ndarray], past_specs: list[TensorSpec]
-    ):
+    def __init__(self, session, static: dict[str, np.ndarray], cache: BufferCache | GrowingCache):
         self.session = session
         self.output_names = [value.name for value in session.get_outputs()]
         # The exporter drops inputs a graph does not use (BLIP's text decoder derives positions itself).
         self.input_names = {value.name for value in session.get_inputs()}
         self._static_arrays = static
-        self._past_specs = past_specs
+        self.cache = cache
         self.batch = next(iter(static.values())).shape[0]
         self._reset_cache()
 
     def _reset_cache(self) -> None:
         self.static = {name: _ortvalue(array) for name, array in self._static_arrays.items()}
-        self.past = {spec.name: _ortvalue(self._empty_past(spec)) for spec in self._past_specs}
-
-    def _empty_past(self, spec: TensorSpec) -> np.ndarray:
-        # [batch, heads, 0, head_dim]: the first step attends to no past at all.
-        shape = [
-            self.batch if axis == 0 else (0 if isinstance(size, str) else size)
-            for axis, size in enumerate(spec.shape)
-        ]
-        return np.zeros(shape, dtype=np.float32)
+        self.cache.reset(self.batch)
 
     def expand(self, n: int) -> None:
         self._static_arrays = {
@@ -80,30 +167,28 @@ class OrtCachedDecoder:
         self._reset_cache()
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        total = attention_mask.shape[1]
         feeds = {
             "input_ids": _ortvalue(input_ids.astype(np.int64)),
             "attention_mask": _ortvalue(attention_mask.astype(np.int64)),
             "position_ids": _ortvalue(position_ids(attention_mask, input_ids.shape[1])),
-            **self.past,
+            **self.cache.inputs(total),
             **self.static,
         }
         feeds = {name: value for name, value in feeds.items() if name in self.input_names}
-        outputs = dict(
-            zip(self.output_names, self.session.run_with_ort_values(self.output_names, feeds), strict=True)
-        )
-        self.past = {
-            PAST_PREFIX + name[len(PRESENT_PREFIX) :]: value
-            for name, value in outputs.items()
-            if name.startswith(PRESENT_PREFIX)
-        }
+        values = self.session.run_with_ort_values(self.output_names, feeds, self.cache.bound())
+        outputs = dict(zip(self.output_names, values, strict=True))
+        self.cache.update(outputs, total)
         return outputs["logits"].numpy()
 
     def reorder(self, beam_idx: np.ndarray) -> None:
-        if np.array_equal(beam_idx, np.arange(self.batch)):
-            return
-        self.past = {
-            name: _ortvalue(np.take(value.numpy(), beam_idx, axis=0)) for name, value in self.past.items()
-        }
+        if not np.array_equal(beam_idx, np.arange(self.batch)):
+            self.cache.reorder(beam_idx)
+
+
+def cache_for(past_specs: list[TensorSpec], capacity: int, device: str) -> BufferCache | GrowingCache:
+    """The cache a decoder graph takes: buffers of ``capacity`` positions on ``device``, or a growing past."""
+    return BufferCache(past_specs, capacity, device) if is_buffered(past_specs) else GrowingCache(past_specs)
 
 
 class CaptioningPipeline:
@@ -150,9 +235,15 @@ class CaptioningPipeline:
         outputs = self.encoder.run(self.encoder_outputs, {"pixel_values": pixel_values})
         return dict(zip(self.encoder_outputs, outputs, strict=True))
 
-    def make_decoder(self, pixel_values: np.ndarray):
-        """The ``StepDecoder`` generation runs on: encoder outputs as its static inputs."""
-        return OrtCachedDecoder(self.decoder_session, self.encode(pixel_values), self.past_specs)
+    def make_decoder(self, pixel_values: np.ndarray, capacity: int):
+        """The ``StepDecoder`` generation runs on: encoder outputs as its static inputs, a cache with room
+        for ``capacity`` positions (prompt plus new tokens)."""
+        return OrtCachedDecoder(self.decoder_session, self.encode(pixel_values), self.cache(capacity))
+
+    def cache(self, capacity: int) -> BufferCache | GrowingCache:
+        # Rounded up, so requests of nearby lengths allocate buffers of one size.
+        rounded = -(-capacity // CAPACITY_ROUNDING) * CAPACITY_ROUNDING
+        return cache_for(self.past_specs, rounded, "cuda" if self.options.backend == "cuda" else "cpu")
 
     def prompt_ids(self, prompt: str | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """Decoder prompt ids and mask [batch, T]. Families that take a text prompt override this."""
@@ -175,7 +266,8 @@ class CaptioningPipeline:
         """Prompt ids and generated tokens (without the prompt) for one batch of preprocessed images."""
         ids, mask = self.prompt_ids(prompt, pixel_values.shape[0])
         settings = self.settings(prompt_length=ids.shape[1], **generation)
-        return ids, generate(self.make_decoder(pixel_values), ids, mask, settings)
+        decoder = self.make_decoder(pixel_values, ids.shape[1] + settings.max_new_tokens)
+        return ids, generate(decoder, ids, mask, settings)
 
     def __call__(
         self, images: Any, prompt: str | None = None, batch_size: int | None = None, **generation: Any

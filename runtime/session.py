@@ -109,13 +109,14 @@ def _engine_session(path: str | os.PathLike, options: RuntimeOptions):
 
 
 class IoBoundSession:
-    """An onnxruntime session whose KV-cache outputs stay on the device (IO binding): the captioning
-    decoder feeds them back every step, so on CUDA the cache never makes the round trip through host
-    memory; logits and every other output come back to the host as before."""
+    """An onnxruntime session run through IO binding. Two uses: the captioning decoder's KV-cache outputs
+    stay on the device (on CUDA the cache never makes the round trip through host memory), and outputs can
+    be written into buffers the caller owns (``bound``): a decoder's in-place KV-cache buffer is bound
+    as both its past input and its present output. Logits and every other output come back to the host."""
 
     def __init__(self, session: ort.InferenceSession, device: str):
         self.session = session
-        self.device = device  # onnxruntime device name the cache outputs are bound to ("cuda")
+        self.device = device  # onnxruntime device name the cache outputs are bound to ("cpu", "cuda")
 
     def get_inputs(self):
         return self.session.get_inputs()
@@ -123,15 +124,24 @@ class IoBoundSession:
     def get_outputs(self):
         return self.session.get_outputs()
 
+    def get_session_options(self):
+        return self.session.get_session_options()
+
     def run(self, output_names, feeds, run_options=None):
         return self.session.run(output_names, feeds, run_options)
 
-    def run_with_ort_values(self, output_names: list[str], feeds: dict) -> list[ort.OrtValue]:
+    def run_with_ort_values(
+        self, output_names: list[str], feeds: dict, bound: dict[str, ort.OrtValue] | None = None
+    ) -> list[ort.OrtValue]:
+        """Run on ``feeds``; outputs named in ``bound`` are written into those values, the rest allocated."""
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
         for name in output_names:
-            binding.bind_output(name, self.device if name.startswith(DEVICE_RESIDENT_PREFIX) else "cpu")
+            if bound and name in bound:
+                binding.bind_ortvalue_output(name, bound[name])
+            else:
+                binding.bind_output(name, self.device if name.startswith(DEVICE_RESIDENT_PREFIX) else "cpu")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()
 
@@ -146,7 +156,7 @@ def check_external_data(path: str | os.PathLike) -> None:
 
 def create_session(
     path: str | os.PathLike, options: RuntimeOptions, spinning: bool = True
-) -> ort.InferenceSession | IoBoundSession | EngineSession:
+) -> IoBoundSession | EngineSession:
     """A session for one graph. ``spinning=False`` stops its idle threads from busy-waiting for work:
     for a graph run once before another session's (a captioner's encoder), whose threads would
     otherwise spin on the cores the next graph needs. A TensorRT engine file gets an ``EngineSession``,
@@ -163,4 +173,4 @@ def create_session(
     settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Loading by path lets onnxruntime resolve external data relative to the graph, whatever the cwd.
     session = ort.InferenceSession(os.fspath(path), settings, providers=_providers(path, options))
-    return IoBoundSession(session, "cuda") if options.backend == "cuda" else session
+    return IoBoundSession(session, "cuda" if options.backend == "cuda" else "cpu")

@@ -23,6 +23,7 @@ import numpy as np
 from modelkiln import runtime
 from modelkiln.errors import ImageInputError
 from modelkiln.exporters.source import resolve_source
+from modelkiln.exporters.targets import get_target
 from modelkiln.fixtures import shapes
 from modelkiln.manifest import read_manifest
 from modelkiln.registry import get_family
@@ -90,8 +91,9 @@ def compare_components(pipe, exporter, model, pixel_values, config: ValidateConf
     # makes the report, and the manifest that records it, the same on every run.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        modules = {component.name: component.module for component in exporter.build_components(model)}
-        cases = exporter.validation_cases(model, pixel_values)
+        target = get_target(pipe.manifest.target)  # the graphs' form: a decoder's cache is the target's
+        modules = {component.name: component.module for component in exporter.build_components(model, target)}
+        cases = exporter.validation_cases(model, pixel_values, target)
     results: dict[str, Any] = {}
     for name, case, inputs in cases:
         with torch.no_grad():

@@ -26,6 +26,7 @@ import numpy as np
 
 from modelkiln import runtime
 from modelkiln.exporters.source import resolve_source
+from modelkiln.exporters.targets import get_target
 from modelkiln.manifest import Manifest, read_manifest
 from modelkiln.metrics import image_metrics
 from modelkiln.registry import get_family
@@ -122,7 +123,7 @@ def compare_components(pipe, exporter, models, config: DiffusionValidateConfig) 
     import torch  # here, not at the top: see reference_pipeline
 
     results = {}
-    for component in exporter.build_components(models):
+    for component in exporter.build_components(models, get_target(pipe.manifest.target)):
         feeds = pipe.recorder.get(component.name)
         if feeds is None:  # a graph the validation run did not need (e.g. no T5 call)
             continue

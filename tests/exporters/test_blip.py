@@ -15,6 +15,7 @@ from transformers import AutoProcessor, BlipForConditionalGeneration
 from modelkiln import runtime
 from modelkiln.manifest import read_manifest
 from modelkiln.registry import detect_family
+from modelkiln.runtime.captioning import CAPACITY_ROUNDING, is_buffered
 from modelkiln.validation import ValidateConfig, validate_artifact
 
 SEP = 3  # the tiny tokenizer's [SEP]: BLIP's generate stops on it
@@ -88,7 +89,7 @@ def test_decoder_is_fed_the_prompt_once_then_one_token_per_step(blip):
     run_decoder, run_encoder = pipe.decoder_session.run_with_ort_values, pipe.encoder.run
 
     def spy_decoder(names, feeds, *args):
-        fed.append((feeds["input_ids"].shape(), feeds["past_key_values.0.key"].shape()))
+        fed.append((feeds["input_ids"].shape(), feeds["past_key_values.0.key"].shape()[2]))
         return run_decoder(names, feeds, *args)
 
     def spy_encoder(names, feeds, *args):
@@ -100,10 +101,13 @@ def test_decoder_is_fed_the_prompt_once_then_one_token_per_step(blip):
     pipe(mixed_images(), prompt=PROMPT, max_new_tokens=5, num_beams=2, min_new_tokens=5)
     prompt_length = pipe.prompt_ids(PROMPT, 1)[0].shape[1]  # [DEC] + 3 words
     assert encoder_calls == [3] and prompt_length == 4
-    assert fed[0][0] == [6, prompt_length] and fed[0][1][2] == 0  # 3 images x 2 beams, empty past
-    for step, (ids_shape, past_shape) in enumerate(fed[1:]):
+    # A buffer (config b) keeps one capacity, prompt + 5 new tokens rounded up; a growing past (config a)
+    # starts empty and grows by exactly one token per step.
+    buffered = is_buffered(pipe.past_specs)
+    assert fed[0][0] == [6, prompt_length] and fed[0][1] == (CAPACITY_ROUNDING if buffered else 0)
+    for step, (ids_shape, past) in enumerate(fed[1:]):
         assert ids_shape == [6, 1]
-        assert past_shape[2] == prompt_length + step  # the past grows by exactly one token per step
+        assert past == (CAPACITY_ROUNDING if buffered else prompt_length + step)
     assert len(fed) == 5
 
 

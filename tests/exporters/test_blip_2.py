@@ -17,6 +17,7 @@ from modelkiln import runtime
 from modelkiln.errors import UnsupportedModelError
 from modelkiln.manifest import read_manifest
 from modelkiln.registry import detect_family
+from modelkiln.runtime.captioning import CAPACITY_ROUNDING, is_buffered
 from modelkiln.validation import ValidateConfig, validate_artifact
 
 VQA_PROMPT = "Question: what is it? Answer:"
@@ -94,9 +95,16 @@ def test_first_step_feeds_the_queries_and_later_steps_one_token(blip2):
     pipe.decoder_session.run_with_ort_values = spy
     pipe(mixed_images(), max_new_tokens=5, min_new_tokens=5, num_beams=2)
     (ids, prefix, mask, past), *later = fed
-    assert ids == [6, 1] and prefix[:2] == [6, queries] and mask == [6, queries + 1] and past == 0  # BOS
+    # A buffer (config b) keeps one capacity, queries + BOS + 5 new tokens rounded up; a growing past
+    # (config a) starts empty and holds exactly the tokens before each step.
+    capacity = (
+        -(-(queries + 6) // CAPACITY_ROUNDING) * CAPACITY_ROUNDING if is_buffered(pipe.past_specs) else None
+    )
+    assert ids == [6, 1] and prefix[:2] == [6, queries] and mask == [6, queries + 1]  # the queries and BOS
+    assert past == (capacity or 0)
     for step, (ids, prefix, mask, past) in enumerate(later, start=1):
-        assert ids == [6, 1] and prefix[1] == 0 and past == queries + step and mask[1] == past + 1
+        assert ids == [6, 1] and prefix[1] == 0 and mask[1] == queries + step + 1
+        assert past == (capacity or queries + step)
 
 
 def test_validate_passes_with_and_without_prompt(blip2):

@@ -16,6 +16,7 @@ from modelkiln.errors import GenerationConfigError, NonFiniteOutputError
 from modelkiln.exporters import flux
 from modelkiln.exporters.export import ExportConfig, export_model
 from modelkiln.exporters.source import resolve_source
+from modelkiln.exporters.targets import get_target
 from modelkiln.fixtures.tiny_diffusion import save_tiny_lora
 from modelkiln.manifest import read_manifest
 from modelkiln.metrics import psnr
@@ -149,7 +150,7 @@ def test_graphs_match_their_pytorch_wrappers(dev):
     pipe.recorder = {}
     pipe("a red cat", num_inference_steps=1, max_sequence_length=20, **SIZE)
     models = flux.load_model(resolve_source(str(source)), max_sequence_length=TEXT_LENGTH)
-    for component in flux.build_components(models):
+    for component in flux.build_components(models, get_target(pipe.manifest.target)):
         feeds = pipe.recorder[component.name]
         with torch.no_grad():
             expected = component.module(*(torch.from_numpy(feeds[name]) for name in component.example_inputs))

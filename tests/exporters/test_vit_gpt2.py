@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, VisionEncoderDecoderModel
 
 from modelkiln import runtime
+from modelkiln.exporters.decoding import BUFFER_HEAD_MULTIPLE
 from modelkiln.manifest import read_manifest, verify_files
 from modelkiln.validation import ValidateConfig, validate_artifact
 
@@ -135,9 +136,16 @@ def test_manifest_describes_the_artifact(vit_gpt2_artifact):
     assert verify_files(artifact, manifest) == []
     decoder = {spec.name: spec for spec in manifest.components["decoder"].inputs}
     assert decoder["input_ids"].shape == ["batch", "sequence"]
-    assert decoder["past_key_values.0.key"].shape[0::2] == ["batch", "past_sequence"]
+    # onnxruntime target: an in-place buffer where GroupQueryAttention takes the head size (config b's
+    # 8), a growing past elsewhere (config a's 12).
+    buffered = manifest.runtime["head_dim"] % BUFFER_HEAD_MULTIPLE == 0
+    past, present = ("capacity", "capacity") if buffered else ("past_sequence", "total_sequence")
+    assert decoder["past_key_values.0.key"].shape[0::2] == ["batch", past]
     outputs = {spec.name: spec for spec in manifest.components["decoder"].outputs}
-    assert outputs["present.0.key"].shape[2] == "total_sequence"
+    assert outputs["present.0.key"].shape[2] == present
+    graph = onnx.load(str(artifact / "decoder.onnx"), load_external_data=False)
+    fused = {node.op_type for node in graph.graph.node} & {"GroupQueryAttention", "MultiHeadAttention"}
+    assert fused == ({"GroupQueryAttention", "MultiHeadAttention"} if buffered else set())
     for spec in manifest.components.values():
         onnx.checker.check_model(str(artifact / spec.file))
 

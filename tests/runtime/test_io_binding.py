@@ -46,10 +46,10 @@ def test_bound_outputs_are_the_plain_run_and_the_cache_is_bound_to_the_device():
 def test_cuda_backend_keeps_the_cache_on_the_gpu_and_captions_like_cpu(small_artifact):
     images = [np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8) for i in range(2)]
     pipe = runtime.load(small_artifact, backend="cuda")
-    decoder = pipe.make_decoder(pipe.preprocess(images))
+    decoder = pipe.make_decoder(pipe.preprocess(images), capacity=9)
     ids = np.full((2, 1), pipe.manifest.runtime["decoder_start_token_id"], dtype=np.int64)
     decoder.step(ids, np.ones_like(ids))
-    assert {value.device_name().lower() for value in decoder.past.values()} == {"cuda"}
+    assert {value.device_name().lower() for value in decoder.cache.values.values()} == {"cuda"}
     for beams in (1, 4):
         options = {"num_beams": beams, "max_new_tokens": 8}
         assert pipe(images, **options) == runtime.load(small_artifact)(images, **options)
