@@ -30,12 +30,12 @@ from ..core import roofline as machine_roofline
 from ..core.config import BenchConfig, TaskOptions, check_config
 from ..core.source import model_or_preset
 from ..core.tables import machine_info, plain_json, settings_of
-from ..core.timing import EAGER, Timings, percentiles, time_variants
+from ..core.timing import EAGER, Schedule, Timings, percentiles, time_variants
 from ..core.variants import Variant, prepare_variants, variant_gate
 from . import roofline
 from .peers import PeerRunner, PeerSetup, check_peers, default_root, prepare_peers
 from .probe import measure_rss
-from .quality import caption_agreement
+from .quality import caption_agreement, shapes_quality
 from .report import write_reports
 from .runners import EagerRunner, Job, OrtRunner
 
@@ -222,12 +222,21 @@ def _measure_all(
     runners = _load_runners(source, variants, peers, images, config)
     try:
         run = lambda runner, index, advance: _run_job(runner, index, advance, images)  # noqa: E731
-        timings = time_variants(runners, len(images), config, run)
+        # Memory bandwidth and GEMM rates sampled between the timed passes: the bounds move with them.
+        probe = machine_roofline.RateProbe(config.threads)
+        timings = time_variants(runners, len(images), config, run, Schedule(on_timed_pass=probe.sample))
+        context["machine"]["during"] = probe.summary()
         log("measuring peak memory per variant")
         measured = measure(runners, source, variants, config)
     finally:
         _close(runners)  # peer processes end even when timing fails
     return [variant_row(name, m, timings[name], timings[EAGER], context) for name, m in measured.items()]
+
+
+def _schemes(variants: list[Variant]) -> tuple[str, ...]:
+    """The schemes of the quantized variants under test, made here or given."""
+    quantizations = (read_manifest(variant.path).quantization or {} for variant in variants)
+    return tuple(q["scheme"] for q in quantizations if "scheme" in q)
 
 
 def run_bench(config: CaptioningConfig, log: Callable[[str], None] = lambda message: None) -> dict:
@@ -245,16 +254,19 @@ def run_bench(config: CaptioningConfig, log: Callable[[str], None] = lambda mess
     flops = roofline.encoder_flops(resolve_model(source).config)
     context = {"config": config, "machine": machine, "flops": flops}
     rows = _measure_all(source, variants, peers, context, log)
+    # 3. The schemes on the trained captioner, whose captions can be checked against the truth.
+    shapes = shapes_quality(_schemes(variants), config.artifacts_dir / "shapes-captioner", log)
     report = {
         "command": config.command,
         "source": source,
         "settings": settings_of(config),
         "machine": {**machine_info(), "roofline": machine, "encoder_flops": flops},
         "variants": rows,
+        "shapes_quality": shapes,
         "peers": notes,
     }
     report = plain_json(report)
-    # 3. Write the reports.
+    # 4. Write the reports.
     write_reports(report, config.out, config.plots)
     return report
 

@@ -25,6 +25,7 @@ TARGETS = (
     ("fp32 decode vs bandwidth bound", "onnx-fp32", "decode_multiple", 1.5, False),
     ("int8 decode vs bandwidth bound", "int8-dynamic", "decode_multiple", 1.5, False),
     ("int4 decode vs bandwidth bound", "int4-weight", "decode_multiple", 1.5, False),
+    ("mixed int8-encoder/int4-decoder end-to-end speed-up vs eager", "mixed-int8-int4", "speedup", 4.5, True),
 )
 
 
@@ -106,6 +107,36 @@ def quality_table(report: dict) -> list[str]:
     return table(header, rows)
 
 
+def shapes_table(report: dict) -> list[str]:
+    """Each scheme on the trained shapes captioner: its captions against its fp32 parent's and the truth."""
+    rows = [
+        [
+            row["scheme"],
+            f"{row['agreement']:.0%}",
+            f"{row['token_agreement']:.3f}",
+            f"{row['accuracy_vs_truth']:.0%}",
+            f"{row['parent_accuracy_vs_truth']:.0%}",
+            str(row["images"]),
+        ]
+        for row in report.get("shapes_quality") or []
+    ]
+    header = ["scheme", "agreement with fp32", "token agreement", "exact vs truth", "fp32 exact vs truth"]
+    return table([*header, "images"], rows) if rows else []
+
+
+def bandwidth_line(roof: dict) -> str:
+    """The rates the bounds use: sampled between the timing passes, with their spread."""
+    during = roof.get("during")
+    if not during:
+        return f"Bounds use the rates measured at start: memory read {roof['read_gbps']} GB/s."
+    read, gemm = during["spread"]["read_gbps"], during["spread"]["torch_fp32_gflops"]
+    return (
+        f"Bounds use the medians of {during['samples']} samples taken between the timed passes: memory read "
+        f"{read['median']} GB/s (min {read['min']}, max {read['max']}), fp32 GEMM {gemm['median']} GFLOP/s "
+        f"(min {gemm['min']}, max {gemm['max']})."
+    )
+
+
 def gate_cell(row: dict) -> str:
     """'ok', or MISSED with the figures: a variant below `kiln quantize`'s gates stays in the report."""
     misses = row.get("gate") or []
@@ -153,6 +184,22 @@ def peer_lines(report: dict) -> list[str]:
     return ["## Peers", "", *(f"- {note['note']}" for note in notes), ""]
 
 
+def shapes_lines(report: dict) -> list[str]:
+    """The section on the trained shapes captioner, when the run had quantized variants."""
+    rows = shapes_table(report)
+    if not rows:
+        return []
+    return [
+        "## Quality on the trained shapes captioner",
+        "",
+        "The captions above come from random weights: near-flat logits that any rounding can flip. The "
+        "shipped shapes captioner is trained, so its captions are right or wrong: each scheme (at its "
+        "default options) against its fp32 export, on kiln quantize's held-out drawn images.",
+        "",
+        *rows,
+    ]
+
+
 def _loads(machine: dict) -> str:
     return ", ".join(str(load) for load in machine.get("load_average", [])) or "not recorded"
 
@@ -184,7 +231,10 @@ def markdown(report: dict) -> str:
         "## Quality vs PyTorch eager captions",
         "",
         *quality_table(report),
+        *shapes_lines(report),
         "## Roofline (decode: weight bytes / read bandwidth; encoder: FLOPs / fp32 GEMM rate)",
+        "",
+        bandwidth_line(roof),
         "",
         *roofline_table(report),
     ]

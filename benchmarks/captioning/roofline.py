@@ -81,15 +81,21 @@ def _collect_consumers(graph, consumers: dict[str, set[str]]) -> None:
                 _collect_consumers(subgraph, consumers)
 
 
+def rate(machine: dict, during_key: str, start_key: str) -> float:
+    """A rate the bounds divide by: its median sampled between the timing passes (one reading at start
+    moved by a quarter between two runs), else the one measured at start."""
+    return (machine.get("during") or {}).get(during_key) or machine[start_key]
+
+
 def multiples(machine: dict, decoder_bytes: int | None, flops: float | None, stages: dict) -> dict:
     """Bounds and how far the measured stage medians are from them (1.0 = at the roofline)."""
     row: dict[str, Any] = {"decoder_weight_bytes": decoder_bytes, "encoder_flops": flops}
     if decoder_bytes and stages.get("decode_per_token"):
-        bound = decoder_bytes / (machine["read_gbps"] * 1e9)
+        bound = decoder_bytes / (rate(machine, "read_gbps", "read_gbps") * 1e9)
         row["decode_bound_s"] = bound
         row["decode_multiple"] = stages["decode_per_token"] / bound
     if flops and stages.get("encoder"):
-        bound = flops / (machine["gemm_gflops"] * 1e9)
+        bound = flops / (rate(machine, "torch_fp32_gflops", "gemm_gflops") * 1e9)
         row["encoder_bound_s"] = bound
         row["encoder_multiple"] = stages["encoder"] / bound
     return row

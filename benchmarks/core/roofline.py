@@ -6,6 +6,9 @@
 
 A task divides its work (weight bytes, FLOPs) by these rates to get the bound a variant is measured
 against. Every figure is the best of a few runs: drift and other tenants only ever slow a run down.
+Within one pass, yes; across passes the machine's state moves (a neighbour's job, the memory
+controller's load: one EPYC read 20.7 GB/s in one run and 15.1 GB/s in the next), so bounds use the
+median of the samples taken between timing passes, and reports show their spread.
 """
 
 from __future__ import annotations
@@ -74,13 +77,15 @@ def _gemm_session(threads: int, int8: bool):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _best_rate(run, repeats: int) -> float:
-    """G(FL)OP/s of the fastest of ``repeats`` calls of one GEMM_SIZE^2 product (no warm-up call)."""
-    return 2 * GEMM_SIZE**3 / _best(run, repeats, warm_up=False) / 1e9
+def _best_rate(run, repeats: int, work: float = 2 * GEMM_SIZE**3) -> float:
+    """G(FL)OP/s (or GB/s) of the fastest of ``repeats`` calls doing ``work`` each (no warm-up call);
+    by default one GEMM_SIZE^2 product."""
+    return work / _best(run, repeats, warm_up=False) / 1e9
 
 
 class RateProbe:
-    """GEMM rates of torch fp32, onnxruntime fp32 and onnxruntime int8, sampled once per timing pass.
+    """GEMM rates of torch fp32, onnxruntime fp32 and onnxruntime int8, and the memory read bandwidth,
+    sampled once per timing pass.
 
     On a shared machine the load changes over minutes; sampling the rates in the same passes as the
     variants gives bounds measured under the load the steps saw (the medians), beside the figures
@@ -93,22 +98,31 @@ class RateProbe:
         x = np.random.default_rng(1).standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=np.float32)
         a, b = torch.from_numpy(x), torch.from_numpy(x.copy())
         fp32, int8 = _gemm_session(threads, int8=False), _gemm_session(threads, int8=True)
+        big = torch.ones(READ_BYTES // 4)
+        # Name -> (one call, the work it does: FLOPs or bytes read).
         self.runs = {
-            "torch_fp32_gflops": lambda: torch.matmul(a, b),
-            "ort_fp32_gflops": lambda: fp32.run(None, {"x": x}),
-            "ort_int8_gops": lambda: int8.run(None, {"x": x}),
+            "torch_fp32_gflops": (lambda: torch.matmul(a, b), 2 * GEMM_SIZE**3),
+            "ort_fp32_gflops": (lambda: fp32.run(None, {"x": x}), 2 * GEMM_SIZE**3),
+            "ort_int8_gops": (lambda: int8.run(None, {"x": x}), 2 * GEMM_SIZE**3),
+            "read_gbps": (lambda: big.sum(), READ_BYTES),
         }
-        for run in self.runs.values():
-            run()  # warm-up: thread pools, weight packing
+        for run, _ in self.runs.values():
+            run()  # warm-up: thread pools, weight packing, page faults
         self.samples: dict[str, list[float]] = {name: [] for name in self.runs}
 
     def sample(self, repeats: int = 2) -> None:
-        for name, run in self.runs.items():
-            self.samples[name].append(_best_rate(run, repeats))
+        for name, (run, work) in self.runs.items():
+            self.samples[name].append(_best_rate(run, repeats, work))
 
     def summary(self) -> dict[str, Any]:
-        medians = {name: round(statistics.median(v), 1) for name, v in self.samples.items() if v}
-        return {**medians, "samples": len(self.samples["torch_fp32_gflops"])}
+        """Each rate's median over the passes, the number of passes, and each rate's min/median/max."""
+        measured = {name: values for name, values in self.samples.items() if values}
+        spread = {
+            name: {"min": round(min(v), 1), "median": round(statistics.median(v), 1), "max": round(max(v), 1)}
+            for name, v in measured.items()
+        }
+        medians = {name: figures["median"] for name, figures in spread.items()}
+        return {**medians, "samples": len(self.samples["read_gbps"]), "spread": spread}
 
 
 def measure_int8_gops(threads: int) -> float:

@@ -12,6 +12,7 @@ import pytest
 from modelkiln.benchmarks.captioning import peers
 from modelkiln.benchmarks.captioning.harness import CaptioningConfig as BenchConfig
 from modelkiln.benchmarks.captioning.harness import Measured, variant_row
+from modelkiln.benchmarks.captioning.quality import SHAPES_IMAGES
 from modelkiln.benchmarks.captioning.report import targets_table, write_reports
 from modelkiln.benchmarks.captioning.runners import Job, stage_times
 from modelkiln.benchmarks.core.timing import EAGER, Timings
@@ -60,6 +61,15 @@ def test_every_variant_has_latency_and_quality(report):
 def test_memory_and_roofline_are_positive(report):
     assert report["machine"]["roofline"]["gemm_gflops"] > 0
     assert report["machine"]["roofline"]["read_gbps"] > 0
+    # Bandwidth sampled between the two timed passes; the decode bounds divide by its median.
+    during = report["machine"]["roofline"]["during"]
+    spread = during["spread"]["read_gbps"]
+    assert (
+        during["samples"] == 2
+        and 0 < spread["min"] <= during["read_gbps"] == spread["median"] <= spread["max"]
+    )
+    fp32 = next(row for row in report["variants"] if row["name"] == "onnx-fp32")["roofline"]
+    assert fp32["decode_bound_s"] == pytest.approx(fp32["decoder_weight_bytes"] / (spread["median"] * 1e9))
     assert report["machine"]["encoder_flops"] > 0
     for row in report["variants"]:
         assert row["peak_rss_bytes"] > 0
@@ -70,6 +80,14 @@ def test_memory_and_roofline_are_positive(report):
     assert rss["onnx-fp32"] < rss["pytorch-eager"]
 
 
+def test_schemes_are_checked_on_the_trained_shapes_captioner(report):
+    """The random preset's captions say little; the shipped captioner's can be right or wrong."""
+    (row,) = report["shapes_quality"]
+    assert row["scheme"] == "int8-dynamic" and row["images"] == SHAPES_IMAGES
+    assert row["parent_accuracy_vs_truth"] >= 0.9  # the fp32 export captions what was drawn
+    assert 0.0 <= row["agreement"] <= 1.0 and 0.0 <= row["accuracy_vs_truth"] <= 1.0
+
+
 def test_markdown_has_the_tables(bench, report):
     text = (bench[1] / "report.md").read_text()
     for heading in (
@@ -77,9 +95,11 @@ def test_markdown_has_the_tables(bench, report):
         "## Median time per stage",
         "## Size and memory",
         "## Quality",
+        "## Quality on the trained shapes captioner",
         "## Roofline",
     ):
         assert heading in text
+    assert "memory read" in text and "samples taken between the timed passes" in text
     assert report["command"].startswith("kiln bench --preset tiny")
     assert report["command"] in text
     assert "torch" in report["machine"]["libraries"]
@@ -209,6 +229,7 @@ def test_a_variant_below_a_quantize_gate_is_a_marked_row_and_gate_makes_it_fail(
     (variant / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "results"
     argv = ["bench", "--model", report["source"], "--variant", str(variant), "--out", str(out), "--no-rss"]
+    argv += ["--artifacts", str(bench[1].parent / "artifacts")]  # reuses the shapes captioner's variants
     argv += ["--repeats", "1", "--warmup", "0", "--images", "1", "--max-new-tokens", "4", "--json"]
     assert main([*argv, "--gate"]) == 1
     captured = capsys.readouterr()
