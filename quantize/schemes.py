@@ -128,7 +128,7 @@ SCHEMES: dict[str, Scheme] = {
         # The encoder is a few large GEMMs, compute-bound: int8 GEMM is the fastest (int8-static's QDQ
         # 1.10x and MatMulNBits 1.5x slower on the full ViT); one decode step reads every decoder weight
         # once, bandwidth-bound: int4 in 128-weight blocks with the tied lm_head int4 too was the fastest
-        # per token (32: 1.2x, 64: 1.1x slower; lm_head int8 1.2x, fp32 1.4x). Measured on the full
+        # per token (32: 1.2x, 64: 1.1x slower; lm_head int8 1.1x, fp32 1.4x). Measured on the full
         # ViT-GPT2: benchmarks/results/vit-gpt2-full/mixed-recipe.md.
         options={
             "encoder.per_channel": True,
