@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-fuse-attention",
         action="store_true",
-        help="onnxruntime target without its MultiHeadAttention fusion (the other targets never fuse)",
+        help="onnxruntime target without the MultiHeadAttention fusion of image-encoder and denoiser "
+        "attention (captioning decoders keep their cache-buffer ops: --target portable for standard ops only)",
     )
 
 
