@@ -118,3 +118,17 @@ def test_an_unknown_family_has_no_torch_runtime_and_lists_the_ones_that_do():
 
     with pytest.raises(KilnError, match=r"has no PyTorch .*supported: sd3, flux, stable-diffusion"):
         torch_diffusion_family("vit-gpt2")
+
+
+def test_flux_keeps_its_final_projection_fp32_but_quantizes_the_single_blocks_own():
+    from fnmatch import fnmatchcase
+
+    patterns = FAMILIES["flux"].quantize_exclude["transformer"]
+    # Module paths as the exporter records them (and as diffusers names them, unwrapped).
+    for final in ("transformer.proj_out", "proj_out"):
+        assert any(fnmatchcase(final, pattern) for pattern in patterns)
+    for block in (
+        "transformer.single_transformer_blocks.0.proj_out",
+        "single_transformer_blocks.37.proj_out",
+    ):
+        assert not any(fnmatchcase(block, pattern) for pattern in patterns)
