@@ -92,6 +92,7 @@ class EagerRunner:
         source = resolve_source(model)
         family = detect_family(source.config, model)
         exporter = family.load_exporter()
+        self.exporter = exporter
         self.model = exporter.load_model(source)
         self.processor = exporter.reference_processor(source)
         self.codec = TextCodec.from_dir(source.path)
@@ -110,9 +111,9 @@ class EagerRunner:
         start = time.perf_counter()
         pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"].to(torch.float32)
         preprocessed = time.perf_counter()
-        with torch.no_grad():
-            sequences = self.model.generate(pixel_values=pixels, **self.generation)
-        tokens = [int(t) for t in sequences[0, 1:]]  # drop the decoder start token
+        # The family's own reference call: the new tokens only, whatever prompt generate echoes back
+        # (BLIP-2 returns its image tokens and BOS before them).
+        (tokens,) = self.exporter.torch_captions(self.model, pixels, None, **self.generation)
         text = self.codec.batch_decode([tokens])[0]
         total = time.perf_counter() - start
         return Job(tokens, text, total, stage_times(preprocessed - start, self.calls))
