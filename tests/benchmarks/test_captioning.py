@@ -189,7 +189,8 @@ def test_peer_row_and_lines_in_the_report(tmp_path):
     assert "speed-up vs optimum-onnx (p50)" in text and "| optimum-onnx | 200.0 |" in text
     assert "optimum-onnx cannot run family blip: it runs vit-gpt2 only" in text
     check = next(c for c in report["targets"] if "optimum-onnx" in c["target"])
-    assert check["value"] == pytest.approx(2.0) and check["met"]
+    # 2.0x the peer falls short of the 2.5x target issue 13 set.
+    assert check["value"] == pytest.approx(2.0) and check["limit"] == 2.5 and not check["met"]
 
 
 def test_peer_skips_a_family_it_cannot_run_without_a_venv(monkeypatch, tmp_path):
