@@ -34,6 +34,7 @@ from modelkiln.exporters.decoding import (
     empty_past,
     load_captioner,
     merge_heads,
+    past_length,
     save_processor_files,
     split_heads,
     step_context,
@@ -123,10 +124,9 @@ class BlipTextCachedDecoderStep(nn.Module):
     def forward(self, input_ids, attention_mask, *cache: torch.Tensor):
         past, cross = cache[: 2 * self.num_layers], cache[2 * self.num_layers :]
         new = input_ids.shape[1]
-        # A buffer's length is its capacity: the mask counts the tokens.
-        past_length = attention_mask.shape[1] - new if self.buffered else past[0].shape[2]
-        hidden = self._embed(input_ids, past_length)  # [B, T, D]
-        mask = step_context(self.buffered, attention_mask, new, past_length)
+        before = past_length(self.buffered, attention_mask, new, past[0])
+        hidden = self._embed(input_ids, before)  # [B, T, D]
+        mask = step_context(self.buffered, attention_mask, new, before)
         presents = []
         for i, layer in enumerate(self.layers):
             hidden, key, value = self._self_attention(

@@ -38,6 +38,7 @@ from modelkiln.exporters.decoding import (
     example_past,
     load_captioner,
     merge_heads,
+    past_length,
     save_text_files,
     split_heads,
     step_context,
@@ -157,10 +158,9 @@ class OPTPrefixDecoderStep(nn.Module):
     def forward(self, input_ids, prefix_embeds, attention_mask, *past: torch.Tensor):
         embeds = torch.cat([prefix_embeds, self.embed_tokens(input_ids)], dim=1)  # [B, P+T, Dw]
         new = embeds.shape[1]
-        # A buffer's length is its capacity: the mask counts the tokens.
-        past_length = attention_mask.shape[1] - new if self.buffered else past[0].shape[2]
-        hidden = self.project_in(embeds) + self._positions(attention_mask, past_length)  # [B, P+T, D]
-        mask = step_context(self.buffered, attention_mask, new, past_length)
+        before = past_length(self.buffered, attention_mask, new, past[0])
+        hidden = self.project_in(embeds) + self._positions(attention_mask, before)  # [B, P+T, D]
+        mask = step_context(self.buffered, attention_mask, new, before)
         presents = []
         for i, layer in enumerate(self.layers):
             hidden, key, value = self._layer(layer, hidden, past[2 * i], past[2 * i + 1], mask)
@@ -186,13 +186,14 @@ def _cache_shape(model: nn.Module) -> CacheShape:
 def build_components(model: nn.Module, target: Target) -> list[Component]:
     """The query encoder and the cached decoder step for ``target``, with example inputs and dynamic axes."""
     cache = _cache_shape(model)
+    buffered = buffered_cache(target, cache)
     text = model.config.text_config
     batch, prefix, new, past = 2, 5, 3, 4  # distinct sizes >1, so the tracer keeps every axis symbolic
     decoder_inputs = {
         "input_ids": torch.randint(0, text.vocab_size, (batch, new)),
         "prefix_embeds": torch.randn(batch, prefix, text.word_embed_proj_dim),
         "attention_mask": torch.ones(batch, past + prefix + new, dtype=torch.int64),
-        **example_past(batch, cache, past, buffered_cache(target, cache)),
+        **example_past(batch, cache, past, buffered),
     }
     batch_axis = {0: "batch"}
     decoder_axes = {
@@ -200,7 +201,7 @@ def build_components(model: nn.Module, target: Target) -> list[Component]:
         "prefix_embeds": {0: "batch", 1: "prefix_sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
         "logits": batch_axis,
-        **cache_axes(cache.layers, buffered_cache(target, cache)),
+        **cache_axes(cache.layers, buffered),
     }
     return [
         Component(
@@ -212,7 +213,7 @@ def build_components(model: nn.Module, target: Target) -> list[Component]:
         ),
         Component(
             name="decoder",
-            module=OPTPrefixDecoderStep(model, buffered_cache(target, cache)),
+            module=OPTPrefixDecoderStep(model, buffered),
             example_inputs=decoder_inputs,
             output_names=("logits", *cache_names("present", cache.layers)),
             dynamic_axes=decoder_axes,

@@ -23,6 +23,7 @@ from torch import nn
 
 from modelkiln.manifest import CAPACITY_AXIS
 
+from .kv_attention import merge_heads, split_heads  # noqa: F401 (families import them from here)
 from .onnx_export import Component
 from .source import (
     Source,
@@ -32,18 +33,6 @@ from .source import (
     save_image_processor_config,
 )
 from .targets import Target
-
-
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    batch, seq, width = x.shape
-    # [B, S, D] -> [B, H, S, D/H]
-    return x.view(batch, seq, num_heads, width // num_heads).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    batch, heads, seq, head_dim = x.shape
-    # [B, H, S, hd] -> [B, S, H*hd]
-    return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
 def causal_mask(attention_mask: torch.Tensor, new: int, past: int) -> torch.Tensor:
@@ -104,6 +93,11 @@ def empty_past(batch: int, cache: CacheShape, capacity: int, buffered: bool) -> 
         name: torch.zeros(batch, cache.heads, length, cache.head_dim)
         for name in cache_names("past_key_values", cache.layers)
     }
+
+
+def past_length(buffered: bool, attention_mask: torch.Tensor, new_tokens: int, past: torch.Tensor):
+    """Tokens before this step: a buffer's length is its capacity, so the mask counts them there."""
+    return attention_mask.shape[1] - new_tokens if buffered else past.shape[2]
 
 
 def step_context(

@@ -26,14 +26,16 @@ from torch import Tensor
 MICROSOFT = Opset("com.microsoft", 1)
 
 
-def _heads(x: Tensor, num_heads: int) -> Tensor:
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
     batch, seq, width = x.shape
-    return x.view(batch, seq, num_heads, width // num_heads).transpose(1, 2)  # [B, H, S, hd]
+    # [B, S, D] -> [B, H, S, D/H]
+    return x.view(batch, seq, num_heads, width // num_heads).transpose(1, 2)
 
 
-def _merge(x: Tensor) -> Tensor:
+def merge_heads(x: Tensor) -> Tensor:
     batch, heads, seq, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)  # [B, S, H*hd]
+    # [B, H, S, hd] -> [B, S, H*hd]
+    return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
 @torch.library.custom_op("modelkiln::buffer_attention", mutates_args=())
@@ -55,13 +57,13 @@ def buffer_attention(
     new, total = query.shape[1], int(total_length)
     start = total - new
     present_key, present_value = past_key.clone(), past_value.clone()
-    present_key[:, :, start:total] = _heads(key, num_heads)
-    present_value[:, :, start:total] = _heads(value, num_heads)
-    scores = torch.matmul(_heads(query, num_heads), present_key[:, :, :total].transpose(-1, -2)) * scale
+    present_key[:, :, start:total] = split_heads(key, num_heads)
+    present_value[:, :, start:total] = split_heads(value, num_heads)
+    scores = torch.matmul(split_heads(query, num_heads), present_key[:, :, :total].transpose(-1, -2)) * scale
     causal = torch.arange(total)[None, :] <= torch.arange(start, total)[:, None]  # [S, total]
     scores = (scores + bias).masked_fill(~causal, float("-inf"))
     out = torch.matmul(scores.softmax(dim=-1), present_value[:, :, :total])
-    return _merge(out), present_key, present_value
+    return merge_heads(out), present_key, present_value
 
 
 @buffer_attention.register_fake
@@ -74,8 +76,8 @@ def _buffer_attention_shapes(
 @torch.library.custom_op("modelkiln::cross_attention", mutates_args=())
 def cross_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: int, scale: float) -> Tensor:
     """query [B, S, H*hd] against per-image key/value [B, H, L, hd] -> [B, S, H*hd]; no mask."""
-    scores = torch.matmul(_heads(query, num_heads), key.transpose(-1, -2)) * scale
-    return _merge(torch.matmul(scores.softmax(dim=-1), value))
+    scores = torch.matmul(split_heads(query, num_heads), key.transpose(-1, -2)) * scale
+    return merge_heads(torch.matmul(scores.softmax(dim=-1), value))
 
 
 @cross_attention.register_fake

@@ -94,6 +94,10 @@ class BufferCache:
             for spec, array in zip(self.specs, arrays, strict=True)
         }
         self.arrays = dict(zip(self.values, arrays, strict=True)) if self.device == "cpu" else {}
+        # The same values again, under the output names the graph writes them to.
+        self.outputs = {
+            PRESENT_PREFIX + name[len(PAST_PREFIX) :]: value for name, value in self.values.items()
+        }
         self.filled = 0
 
     def inputs(self, total: int) -> dict[str, ort.OrtValue]:
@@ -105,7 +109,7 @@ class BufferCache:
         return self.values
 
     def bound(self) -> dict[str, ort.OrtValue]:
-        return {PRESENT_PREFIX + name[len(PAST_PREFIX) :]: value for name, value in self.values.items()}
+        return self.outputs
 
     def update(self, outputs: dict[str, ort.OrtValue], total: int) -> None:
         self.filled = total
