@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import TEXT_LENGTHS
 from torch import nn
 
 from modelkiln.exporters import sd3
@@ -91,7 +92,7 @@ def test_masked_attention_is_left_alone(tmp_path):
 def test_diffusion_transformers_are_fused(tiny_diffusion, name, layers):
     """SD3.5-Medium-style: 2 joint blocks, the first with a second (dual) attention; Flux: one double-
     and one single-stream block. Validation against PyTorch covers the fused graphs' numbers."""
-    _, fused = tiny_diffusion(name)
+    _, fused = tiny_diffusion(name, max_sequence_length=TEXT_LENGTHS[name])
     assert read_manifest(fused).components["transformer"].fused == {"MultiHeadAttention": layers}
     assert _ops(fused / "transformer.onnx")["MultiHeadAttention"] == layers
     # The text encoders' causal masks keep their attention unfused; they do not declare fusion anyway.
@@ -101,7 +102,7 @@ def test_diffusion_transformers_are_fused(tiny_diffusion, name, layers):
 def test_no_fuse_attention_keeps_standard_ops(tiny_diffusion, tmp_path):
     """--no-fuse-attention is export_component(fuse=False) on the components the onnxruntime target
     declares fused: only the SD3 transformer is exported here (a whole pipeline took minutes)."""
-    source, _ = tiny_diffusion("sd3.5-medium")
+    source, _ = tiny_diffusion("sd3.5-medium", max_sequence_length=TEXT_LENGTHS["sd3.5-medium"])
     models = sd3.load_model(resolve_source(str(source)))
     (transformer,) = [
         c for c in sd3.build_components(models, get_target("onnxruntime")) if c.name == "transformer"

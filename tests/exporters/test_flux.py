@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TEXT_LENGTHS
 from diffusers import FluxPipeline
 
 from modelkiln import runtime
@@ -22,7 +23,7 @@ from modelkiln.manifest import read_manifest
 from modelkiln.metrics import psnr
 from modelkiln.registry import get_family
 
-TEXT_LENGTH = 32  # T5 length the artifacts are exported with (diffusers' default is 512)
+TEXT_LENGTH = TEXT_LENGTHS["flux-dev"]  # T5 length of both exports (diffusers' default is 512)
 # 40x24 px -> 20x12 latents -> 10x6 patches: not the exporter's 4x6-patch example.
 SIZE = {"height": 40, "width": 24}
 STEPS = 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TEXT_LENGTHS
 from diffusers import StableDiffusion3Pipeline
 
 from modelkiln import runtime
@@ -20,7 +21,7 @@ from modelkiln.fixtures.tiny_diffusion import build_pipeline, save_tiny_lora
 from modelkiln.manifest import read_manifest
 from modelkiln.metrics import psnr
 
-LENGTH = 24  # T5 tokens: short, and not the export default, to prove the option is honoured
+LENGTH = TEXT_LENGTHS["sd3.5-medium"]  # T5 tokens, as every test exporting this pipeline asks
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TEXT_LENGTHS
 
 from modelkiln import runtime
 from modelkiln.cli import main
@@ -23,7 +24,7 @@ from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
 from modelkiln.quantize.schemes import SCHEMES
 
 # tiny pipeline -> export options (a short T5 length keeps SD3 fast)
-PIPELINES = {"sd3.5-medium": {"max_sequence_length": 24}, "sd1": {}}
+PIPELINES = {"sd3.5-medium": {"max_sequence_length": TEXT_LENGTHS["sd3.5-medium"]}, "sd1": {}}
 # case -> (pipeline, scheme, components (None: the denoiser alone), module class it puts in place)
 CASES = {
     "sd35-nf4-with-t5": ("sd3.5-medium", "bnb-nf4", ("transformer", "text_encoder_3"), "Linear4bit"),

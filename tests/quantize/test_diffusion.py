@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import TEXT_LENGTHS
 
 from modelkiln import runtime
 from modelkiln.errors import ValidationFailedError
@@ -19,8 +20,8 @@ from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
 
 # tiny pipeline -> (export options, denoiser graph)
 PIPELINES = {
-    "sd3.5-medium": ({"max_sequence_length": 24}, "transformer"),
-    "flux-dev": ({"max_sequence_length": 32}, "transformer"),
+    "sd3.5-medium": ({"max_sequence_length": TEXT_LENGTHS["sd3.5-medium"]}, "transformer"),
+    "flux-dev": ({"max_sequence_length": TEXT_LENGTHS["flux-dev"]}, "transformer"),
     "sd1": ({}, "unet"),
 }
 # Scheme -> (options fitting the tiny widths, node type it must leave in the quantized graphs).
@@ -78,7 +79,7 @@ def test_psnr_gate_fails_and_leaves_no_variant(parent, tmp_path):
 
 
 def test_prompt_accuracy_gate_on_another_model_says_it_needs_the_shapes_pipeline(tiny_diffusion, tmp_path):
-    artifact = tiny_diffusion("sd3.5-medium", max_sequence_length=24)[1]
+    artifact = tiny_diffusion("sd3.5-medium", max_sequence_length=TEXT_LENGTHS["sd3.5-medium"])[1]
     config = QuantizeConfig("int8-dynamic", min_prompt_accuracy=0.8, **FAST)
     with pytest.raises(
         ValidationFailedError, match=r"--min-prompt-accuracy needs the shipped shapes pipeline"

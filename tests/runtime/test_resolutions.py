@@ -15,6 +15,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import TEXT_LENGTHS
 from diffusers import AutoencoderKL, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from modelkiln import runtime
@@ -26,8 +27,8 @@ from modelkiln.metrics import psnr
 
 STEPS = 2
 MIN_PSNR = 40.0
-SD3_LENGTH = 24  # T5 length of test_sd3's export, so the session shares it
-FLUX_LENGTH = 32  # T5 length of test_flux's export
+SD3_LENGTH = TEXT_LENGTHS["sd3.5-medium"]  # the shared export's T5 length
+FLUX_LENGTH = TEXT_LENGTHS["flux-dev"]
 
 
 @pytest.fixture(scope="module", autouse=True)
