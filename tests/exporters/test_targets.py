@@ -8,6 +8,7 @@ TensorRT quantizer, engine and runtime tests; the graph rules are checked on sma
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 
 import numpy as np
@@ -65,10 +66,40 @@ def _ops(path) -> collections.Counter:
     )
 
 
-@pytest.mark.parametrize("target", ["tensorrt", "portable"])
-@pytest.mark.parametrize("name", TARGET_CAPTIONERS)
+# BLIP's portable graphs are its tensorrt graphs (no CumSum to rewrite: checked below), so one export of
+# it is enough; ViT-GPT2's portable export is made for the quantizer tests anyway, and OPT's positions
+# are a CumSum that only the tensorrt export rewrites.
+TARGET_EXPORTS = [(name, "tensorrt") for name in TARGET_CAPTIONERS] + [
+    ("vit-gpt2", "portable"),
+    ("blip-2", "portable"),
+]
+
+
+@pytest.mark.parametrize(("name", "target"), TARGET_EXPORTS, ids=[f"{n}-{t}" for n, t in TARGET_EXPORTS])
 def test_every_captioner_exports_standard_graphs_that_match_pytorch(target_artifact, name, target):
     check_target_export(*target_artifact(name, target), target)
+
+
+def assert_tensorrt_graphs_are_portable_graphs(artifact) -> None:
+    """``portable`` differs from ``tensorrt`` only in TensorRT's integer-CumSum rewrite and parser check
+    (exporters.target_graphs.finish_for_target): with no CumSum, a tensorrt export's graphs are the
+    portable export's, node for node."""
+    for component, spec in read_manifest(artifact).components.items():
+        model = onnx.load(str(artifact / spec.file), load_external_data=False)
+        assert "CumSum" not in {node.op_type for node in model.graph.node}, component
+        assert incompatible_nodes(model, TARGETS["portable"], artifact) == [], component
+
+
+def test_portable_and_tensorrt_shape_graphs_alike_but_for_the_tensorrt_rewrite():
+    def graph_shaping(name: str) -> dict:
+        fields = dataclasses.asdict(TARGETS[name])
+        return {k: v for k, v in fields.items() if k not in ("name", "description", "schemes", "refused_why")}
+
+    assert graph_shaping("portable") == {**graph_shaping("tensorrt"), "tensorrt_ops": False}
+
+
+def test_blip_tensorrt_graphs_are_portable_graphs(target_artifact):
+    assert_tensorrt_graphs_are_portable_graphs(target_artifact("blip", "tensorrt")[1])
 
 
 def test_onnxruntime_target_keeps_its_fused_attention_and_is_the_default(small_artifact, target_artifact):
