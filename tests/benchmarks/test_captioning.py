@@ -6,8 +6,10 @@ The optimum-onnx peer is tested from a recorded line of its serve loop: no test 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from dataset_images import shapes_captioner
 
 from modelkiln.benchmarks.captioning import peers
 from modelkiln.benchmarks.captioning.harness import CaptioningConfig as BenchConfig
@@ -26,6 +28,9 @@ def bench(tmp_path_factory):
     """(exit code, results folder) of one small tiny-preset run."""
     root = tmp_path_factory.mktemp("bench")
     out = root / "results"
+    # The shipped captioner's fp32 export, made once per test run, is reused by the bench's shapes
+    # quality check (same source weights), as a second bench run reuses its own.
+    shutil.copytree(shapes_captioner(tmp_path_factory), root / "artifacts" / "shapes-captioner" / "onnx-fp32")
     argv = ["bench", "--preset", "tiny", "--schemes", "int8-dynamic", "--out", str(out)]
     argv += ["--artifacts", str(root / "artifacts"), "--repeats", "2", "--warmup", "1", "--images", "2"]
     argv += ["--max-new-tokens", "8"]
