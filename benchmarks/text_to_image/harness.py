@@ -16,7 +16,7 @@ roofline, and an op profile of one step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from modelkiln.manifest import read_manifest
 from modelkiln.quantize.quantize import QuantizeConfig
 from modelkiln.quantize.schemes import SCHEMES
 from modelkiln.registry import bench_families, detect_family
+from modelkiln.validation.prompt_accuracy import PromptAccuracyConfig, is_shapes_fixture, prompt_sample
 
 from ..core import roofline
 from ..core.config import BenchConfig, TaskOptions, check_config
@@ -56,6 +57,11 @@ QUALITY_SIDE_MULTIPLES = 4  # ... at 4x the smallest image side the model takes 
 QUALITY_PROMPT_ACCURACY = 12  # ... and, for the shipped shapes pipeline, 12 shapes prompts read back
 CALIBRATION_PROMPTS = 2  # int8-static: prompts run through the fp32 parent to record activations
 CALIBRATION_STEPS = 2  # int8-static: steps per calibration prompt (early and late timesteps)
+# The shipped shapes pipeline costs milliseconds per step, so its variants are made as a user would make
+# them for its workload (benchmarks/results/sd3-shapes/notes.md has the measurements behind each):
+SHAPES_CALIBRATION_PROMPTS = 16  # int8-static: shapes prompts, not the built-in scenes its words lack
+SHAPES_CALIBRATION_STEPS = 8  # ... each run this many steps at the fixture's own 48 px
+SHAPES_INT4_BLOCK = 16  # int4-weight: its rows are 64 wide, which the default block of 128 pads to 128
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,9 @@ def quantize_config(parent: Path, scheme: str) -> QuantizeConfig:
     """`kiln quantize`'s settings for an on-the-fly variant: its own quality check cut to one small
     image and its int8-static calibration to a few steps. At SD3.5 widths every transformer call costs
     seconds, and the benchmark measures quality itself, against PyTorch, at the benchmark's size."""
-    runtime = read_manifest(parent).runtime
-    multiple = runtime["vae_scale_factor"] * runtime.get("patch_size", 1)
-    return QuantizeConfig(
+    manifest = read_manifest(parent)
+    multiple = manifest.runtime["vae_scale_factor"] * manifest.runtime.get("patch_size", 1)
+    config = QuantizeConfig(
         scheme=scheme,
         num_prompts=QUALITY_PROMPTS,
         quality_steps=QUALITY_STEPS,
@@ -124,6 +130,25 @@ def quantize_config(parent: Path, scheme: str) -> QuantizeConfig:
         calibration_steps=CALIBRATION_STEPS,
         overwrite=True,
     )
+    if is_shapes_fixture(manifest.source.model):
+        return replace(config, **_shapes_settings(parent.parent, scheme))
+    return config
+
+
+def _shapes_settings(work_dir: Path, scheme: str) -> dict:
+    """The shapes pipeline's calibration (its own prompts, written beside the variants) and int4 block."""
+    prompts = work_dir / "shapes-calibration-prompts.txt"
+    sample = prompt_sample(SHAPES_CALIBRATION_PROMPTS)
+    prompts.write_text("".join(f"{attributes.caption}\n" for attributes in sample))
+    settings = {
+        "calibration_prompts": str(prompts),
+        "num_calibration": SHAPES_CALIBRATION_PROMPTS,
+        "calibration_steps": SHAPES_CALIBRATION_STEPS,
+        "image_size": PromptAccuracyConfig().side,
+    }
+    if scheme == "int4-weight":
+        settings["options"] = {"block_size": SHAPES_INT4_BLOCK}
+    return settings
 
 
 def generation_settings(config: TextToImageConfig, fp32: Variant) -> Generation:

@@ -8,17 +8,19 @@ memory probe runs once, on its own, since each probe is a fresh Python process.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from modelkiln.benchmarks.text_to_image.harness import TextToImageConfig as DiffusionBenchConfig
-from modelkiln.benchmarks.text_to_image.harness import resolve_diffusion_source
+from modelkiln.benchmarks.text_to_image.harness import quantize_config, resolve_diffusion_source
 from modelkiln.benchmarks.text_to_image.presets import DIFFUSION_PRESETS, build_sd3_pipeline
 from modelkiln.benchmarks.text_to_image.probe import measure_diffusion_rss
 from modelkiln.benchmarks.text_to_image.roofline import sd3_step_flops, step_bounds
 from modelkiln.benchmarks.text_to_image.runners import Generation
 from modelkiln.cli import main
 from modelkiln.errors import KilnError
+from modelkiln.fixtures import TEXT_TO_IMAGE_DIR, shapes
 
 VARIANTS = ("pytorch-eager", "onnx-fp32", "int8-dynamic")
 STAGES = ("pipeline", "text_encoders", "step", "vae_decode", "other")
@@ -161,3 +163,23 @@ def test_bitsandbytes_schemes_are_refused_naming_the_onnx_ones(tmp_path, capsys)
     err = capsys.readouterr().err.replace("\n", " ")
     assert "--schemes bnb-nf4: the text-to-image benchmark compares ONNX variants (int8-dynamic" in err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_shapes_pipeline_variants_are_made_for_its_own_workload(bench, tmp_path):
+    """int8-static calibrates on shapes prompts at 48 px (the built-in scenes are unknown words to its
+    tokenizer) and int4 uses blocks that fit its 64-wide rows; any other source keeps the cheap settings.
+    The settings read the parent's manifest only: the tiny preset's, its source made the shapes pipeline."""
+    parent = tmp_path / "artifacts" / "onnx-fp32"
+    parent.mkdir(parents=True)
+    manifest = json.loads((bench[2] / "onnx-fp32" / "manifest.json").read_text())
+    manifest["source"]["model"] = str(TEXT_TO_IMAGE_DIR)
+    (parent / "manifest.json").write_text(json.dumps(manifest))
+    static = quantize_config(parent, "int8-static")
+    assert (static.num_calibration, static.calibration_steps, static.image_size) == (16, 8, 48)
+    prompts = Path(static.calibration_prompts).read_text().splitlines()
+    captions = {attributes.caption for attributes in shapes.every_caption()}
+    assert len(prompts) == len(set(prompts)) == 16 and set(prompts) <= captions
+    assert quantize_config(parent, "int4-weight").options == {"block_size": 16}
+    other = quantize_config(bench[2] / "onnx-fp32", "int8-static")
+    assert other.calibration_prompts is None and (other.num_calibration, other.calibration_steps) == (2, 2)
+    assert quantize_config(bench[2] / "onnx-fp32", "int4-weight").options == {}

@@ -8,13 +8,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import shared_folder
+from conftest import shapes_sd3_artifact
 from PIL import Image
 
 pytest.importorskip("diffusers")
 
 from modelkiln import runtime
-from modelkiln.cli import main
 from modelkiln.demo import contact_sheet
 from modelkiln.fixtures import TEXT_TO_IMAGE_DIR
 from modelkiln.metrics import psnr
@@ -34,12 +33,7 @@ SAMPLE = PromptAccuracyConfig(prompts=12, batch=12)  # one of every colour, size
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    """The fixture exported the way a user exports any SD3 pipeline: ``kiln export --model DIR``."""
-
-    def export(folder):
-        assert main(["export", "--model", str(TEXT_TO_IMAGE_DIR), "--out", str(folder / "artifact")]) == 0
-
-    return shared_folder(tmp_path_factory, "shapes-sd3-art", export) / "artifact"
+    return shapes_sd3_artifact(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
