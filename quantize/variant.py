@@ -7,13 +7,14 @@ all import it; it imports none of them.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from modelkiln.errors import KilnError, ValidationFailedError
-from modelkiln.manifest import Manifest, read_manifest, require_intact, write_manifest
+from modelkiln.manifest import Manifest, read_manifest, require_intact, sha256_file, write_manifest
 from modelkiln.validation.prompt_accuracy import (
     PromptAccuracyConfig,
     flat_figures,
@@ -93,6 +94,23 @@ class QuantizeConfig:
             if getattr(self, name) < 1:
                 raise KilnError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
 
+    def settings(self) -> dict[str, Any]:
+        """The request's fields that decide the variant's weights (not how its quality is checked), as the
+        manifest records them: a benchmark reuses a variant it made only when these still match. The
+        calibration prompts count by content, not by the path they were read from."""
+        prompts = self.calibration_prompts
+        return {
+            "scheme": self.scheme,
+            "components": list(self.components) if self.components is not None else None,
+            "exclude": list(self.exclude),
+            "options": json.loads(json.dumps(self.options)),  # as read back: tuples are lists there
+            "calibration_images": self.calibration_images,
+            "num_calibration": self.num_calibration,
+            "calibration_prompts_sha256": sha256_file(prompts) if prompts else None,
+            "calibration_steps": self.calibration_steps,
+            "image_size": self.image_size,
+        }
+
 
 def measure_quality(parent_pipe, variant_pipe, manifest: Manifest, config: QuantizeConfig) -> dict:
     """The task's quality figures of two loaded pipelines on held-out inputs."""
@@ -171,7 +189,8 @@ def gate_failures(quality: dict, config: QuantizeConfig) -> list[str]:
 def record_quality(staging: Path, variant: Manifest, quality: dict, config: QuantizeConfig) -> Manifest:
     """Write the figures into the staged manifest; below the gate raise, so the staging dir is dropped."""
     failures = gate_failures(quality, config)
-    variant = replace(variant, quantization={**variant.quantization, "quality": quality, "gate": failures})
+    recorded = {"settings": config.settings(), "quality": quality, "gate": failures}
+    variant = replace(variant, quantization={**variant.quantization, **recorded})
     write_manifest(staging, variant)
     if failures:
         raise ValidationFailedError(f"quality gate failed for {config.scheme}: {'; '.join(failures)}.")

@@ -4,9 +4,9 @@
     # [Variant("onnx-fp32", Path(".../onnx-fp32")), Variant("int8-dynamic", Path(...))]
 
 On-the-fly variants are an fp32 export of the source and one quantized child per scheme, written
-under ``work_dir`` and reused on a later run when they come from the same source weights. Each task
-says how its children are quantized (``quantize_config``): the benchmark measures quality itself, so
-`kiln quantize`'s own check is cut down.
+under ``work_dir`` and reused on a later run when they come from the same source weights and the same
+quantize settings. Each task says how its children are quantized (``quantize_config``): the benchmark
+measures quality itself, so `kiln quantize`'s own check is cut down.
 """
 
 from __future__ import annotations
@@ -61,12 +61,19 @@ def _quantize(
     parent: Path, scheme: str, directory: Path, log: Callable[[str], None], config_of: QuantizeConfigOf
 ) -> Path:
     parent_sha = read_manifest(parent).source.weights_sha256
-    if _reusable(directory, parent_sha) and label(directory) == scheme:
+    config = config_of(parent, scheme)
+    if _reusable(directory, parent_sha) and _settings(directory) == config.settings():
         log(f"reusing {directory}")
         return directory
     log(f"quantizing with {scheme} into {directory}")
-    quantize_artifact(parent, directory, config_of(parent, scheme), log=log)
+    quantize_artifact(parent, directory, config, log=log)
     return directory
+
+
+def _settings(directory: Path) -> dict | None:
+    """The settings a variant was quantized with; None for an export or a variant from before they were
+    recorded (so it is made again rather than trusted)."""
+    return (read_manifest(directory).quantization or {}).get("settings")
 
 
 def variant_gate(directory: Path) -> list[str]:

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 from dataset_images import shapes_captioner
 
 from modelkiln.benchmarks.captioning import peers
 from modelkiln.benchmarks.captioning.harness import CaptioningConfig as BenchConfig
-from modelkiln.benchmarks.captioning.harness import Measured, variant_row
+from modelkiln.benchmarks.captioning.harness import Measured, quantize_config, variant_row
 from modelkiln.benchmarks.captioning.quality import SHAPES_IMAGES
 from modelkiln.benchmarks.captioning.report import targets_table, write_reports
 from modelkiln.benchmarks.captioning.runners import Job, stage_times
+from modelkiln.benchmarks.core import variants
 from modelkiln.benchmarks.core.timing import EAGER, Timings
 from modelkiln.cli import main
 
@@ -244,6 +246,21 @@ def test_a_variant_below_a_quantize_gate_is_a_marked_row_and_gate_makes_it_fail(
     assert rows["int8-dynamic"]["gate"] == ["3 empty captions where the parent captioned > --max-new-empty 0"]
     assert rows["pytorch-eager"]["p50_s"] > 0  # the other rows are all there
     assert "| MISSED: 3 empty captions where the parent captioned" in (out / "report.md").read_text()
+
+
+def test_a_made_variant_is_reused_only_while_its_quantize_settings_match(bench, monkeypatch):
+    artifacts = bench[1].parent / "artifacts"
+    made = []
+    monkeypatch.setattr(variants, "quantize_artifact", lambda parent, out, config, log: made.append(config))
+    parent, variant, logged = artifacts / "onnx-fp32", artifacts / "int8-dynamic", []
+    variants._quantize(parent, "int8-dynamic", variant, logged.append, quantize_config)
+    assert made == [] and logged == [f"reusing {variant}"]
+
+    def changed(parent, scheme):  # e.g. a new calibration default or scheme option in a later release
+        return replace(quantize_config(parent, scheme), options={"per_channel": True})
+
+    variants._quantize(parent, "int8-dynamic", variant, logged.append, changed)
+    assert [config.options for config in made] == [{"per_channel": True}]
 
 
 def test_a_pickle_only_source_is_refused_with_what_to_do(small_source, tmp_path, capsys):
