@@ -28,7 +28,7 @@ from torch import nn
 from modelkiln.errors import SourceModelError
 from modelkiln.exporters.onnx_export import Component
 from modelkiln.exporters.source import Source
-from modelkiln.manifest import sha256_file
+from modelkiln.manifest import CALIBRATION_PROMPTS_NAME, sha256_file
 
 CLIP_LENGTH = 77  # CLIP's context length; every diffusers pipeline pads CLIP prompts to it
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the file save_lora_weights writes
@@ -307,3 +307,6 @@ def save_pipeline_files(source: Source, directory: Path, without: tuple[str, ...
             shutil.copytree(folder, directory / folder.name)
     if not (directory / "scheduler").is_dir():
         raise SourceModelError(f"{source.path} has no scheduler folder; save the whole pipeline.")
+    prompts = source.path / CALIBRATION_PROMPTS_NAME  # static quantization's default prompts, if any
+    if prompts.is_file():
+        shutil.copyfile(prompts, directory / CALIBRATION_PROMPTS_NAME)

@@ -25,6 +25,9 @@ from modelkiln.confine import FIX, config_references, confined_name, graph_exter
 from modelkiln.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
+# A text-to-image source folder's own calibration prompts, one a line: the export carries the file into
+# the artifact and static quantization calibrates on it by default (the prompts that model knows).
+CALIBRATION_PROMPTS_NAME = "calibration_prompts.txt"
 FORMAT_NAME = "modelkiln-artifact"
 FORMAT_VERSION = 1
 # Dynamic axis of a decoder self-attention cache that is a preallocated buffer written in place (the

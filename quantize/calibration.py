@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from modelkiln.errors import KilnError
+from modelkiln.manifest import CALIBRATION_PROMPTS_NAME
 
 CALIBRATION_SEEDS = 60_000  # drawn calibration images, away from training, quality and demo seeds
 MAX_FEEDS = 64  # per graph: enough for stable min/max ranges, few enough to keep calibration fast
@@ -96,19 +97,32 @@ def _caption_run(pipe, folder: str | None, count: int, **_) -> dict[str, Any]:
     return {"description": description, "images": len(images), "pixels_sha256": digest}
 
 
-def calibration_prompts(prompts_file: str | None, count: int) -> tuple[list[str], str]:
+def calibration_prompts(
+    prompts_file: str | None, count: int, artifact: Path | None = None
+) -> tuple[list[str], str]:
+    """The first ``count`` prompts of ``prompts_file``; without one, of the artifact's own
+    ``calibration_prompts.txt`` (a source pipeline folder may ship one: the prompts its model knows,
+    e.g. the shapes fixture's, whose words the built-in scenes lack), else of the built-in prompts."""
+    if prompts_file is None and artifact is not None and (artifact / CALIBRATION_PROMPTS_NAME).is_file():
+        return _prompt_lines(
+            artifact / CALIBRATION_PROMPTS_NAME, count, f"the artifact's {CALIBRATION_PROMPTS_NAME}"
+        )
     if prompts_file is None:
         return list(CALIBRATION_PROMPTS[:count]), f"{min(count, len(CALIBRATION_PROMPTS))} built-in prompts"
-    lines = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    return _prompt_lines(Path(prompts_file), count, f"--calibration-prompts {prompts_file}")
+
+
+def _prompt_lines(path: Path, count: int, label: str) -> tuple[list[str], str]:
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not lines:
-        raise KilnError(f"--calibration-prompts {prompts_file} has no prompts; write one prompt per line.")
-    return lines[:count], f"{min(count, len(lines))} prompts from {prompts_file}"
+        raise KilnError(f"{label} has no prompts; write one prompt per line.")
+    return lines[:count], f"{min(count, len(lines))} prompts from {label}"
 
 
 def _diffusion_run(
-    pipe, folder: str | None, count: int, prompts_file=None, steps: int = 8, size: int | None = None, **_
+    pipe, folder: str | None, count: int, prompts_file=None, steps: int = 8, size=None, artifact=None
 ) -> dict:
-    prompts, description = calibration_prompts(prompts_file, count)
+    prompts, description = calibration_prompts(prompts_file, count, artifact)
     for i, prompt in enumerate(prompts):
         seed = CALIBRATION_SEEDS + i
         pipe(prompt, num_inference_steps=steps, height=size, width=size, seed=seed, output_type="np")
@@ -138,7 +152,7 @@ def record_calibration(
     pipe = runtime.load(parent)
     sinks = _record_sessions(pipe)
     record = CALIBRATION_RUNS[pipe.task](
-        pipe, folder, count, prompts_file=prompts_file, steps=steps, size=size
+        pipe, folder, count, prompts_file=prompts_file, steps=steps, size=size, artifact=Path(parent)
     )
     feeds = {name: _subsample(recorded, MAX_FEEDS) for name, recorded in sinks.items()}
     return feeds, {**record, "feeds": {name: len(recorded) for name, recorded in feeds.items()}}

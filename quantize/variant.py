@@ -64,7 +64,8 @@ class QuantizeConfig:
     )
     calibration_images: str | None = None  # folder of calibration images; None draws fixture images
     num_calibration: int = 8  # calibration images (captioners) or prompts (diffusion) for static schemes
-    calibration_prompts: str | None = None  # text file, one prompt per line; None: built-in prompts
+    # Text file, one prompt per line; None: the artifact's own calibration_prompts.txt, else built-in ones.
+    calibration_prompts: str | None = None
     calibration_steps: int = 8  # denoising steps per calibration prompt: activations across timesteps
     overwrite: bool = False  # replace an existing output directory
 

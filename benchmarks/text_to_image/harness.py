@@ -26,7 +26,7 @@ from modelkiln.manifest import read_manifest
 from modelkiln.quantize.quantize import QuantizeConfig
 from modelkiln.quantize.schemes import SCHEMES
 from modelkiln.registry import bench_families, detect_family
-from modelkiln.validation.prompt_accuracy import PromptAccuracyConfig, is_shapes_fixture, prompt_sample
+from modelkiln.validation.prompt_accuracy import PromptAccuracyConfig, is_shapes_fixture
 
 from ..core import roofline
 from ..core.config import BenchConfig, TaskOptions, check_config
@@ -59,7 +59,7 @@ CALIBRATION_PROMPTS = 2  # int8-static: prompts run through the fp32 parent to r
 CALIBRATION_STEPS = 2  # int8-static: steps per calibration prompt (early and late timesteps)
 # The shipped shapes pipeline costs milliseconds per step, so its variants are made as a user would make
 # them for its workload (benchmarks/results/sd3-shapes/notes.md has the measurements behind each):
-SHAPES_CALIBRATION_PROMPTS = 16  # int8-static: shapes prompts, not the built-in scenes its words lack
+SHAPES_CALIBRATION_PROMPTS = 16  # int8-static: of the prompts it ships (the built-in scenes' words it lacks)
 SHAPES_CALIBRATION_STEPS = 8  # ... each run this many steps at the fixture's own 48 px
 SHAPES_INT4_BLOCK = 16  # int4-weight: its rows are 64 wide, which the default block of 128 pads to 128
 
@@ -131,17 +131,13 @@ def quantize_config(parent: Path, scheme: str) -> QuantizeConfig:
         overwrite=True,
     )
     if is_shapes_fixture(manifest.source.model):
-        return replace(config, **_shapes_settings(parent.parent, scheme))
+        return replace(config, **_shapes_settings(scheme))
     return config
 
 
-def _shapes_settings(work_dir: Path, scheme: str) -> dict:
-    """The shapes pipeline's calibration (its own prompts, written beside the variants) and int4 block."""
-    prompts = work_dir / "shapes-calibration-prompts.txt"
-    sample = prompt_sample(SHAPES_CALIBRATION_PROMPTS)
-    prompts.write_text("".join(f"{attributes.caption}\n" for attributes in sample))
+def _shapes_settings(scheme: str) -> dict:
+    """The shapes pipeline's calibration (on the prompts it ships, at its own size) and int4 block."""
     settings = {
-        "calibration_prompts": str(prompts),
         "num_calibration": SHAPES_CALIBRATION_PROMPTS,
         "calibration_steps": SHAPES_CALIBRATION_STEPS,
         "image_size": PromptAccuracyConfig().side,

@@ -66,7 +66,9 @@ def _add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image-size", type=int, help="diffusion: quality image side (default: the model's)")
     parser.add_argument(
-        "--calibration-prompts", help="diffusion: text file of calibration prompts, one a line (int8-static)"
+        "--calibration-prompts",
+        help="diffusion: text file of calibration prompts, one a line (int8-static; default: the "
+        "artifact's calibration_prompts.txt, else built-in prompts)",
     )
     parser.add_argument(
         "--calibration-steps", type=int, default=8, help="diffusion: denoising steps per calibration prompt"

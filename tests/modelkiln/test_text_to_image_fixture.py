@@ -15,8 +15,10 @@ pytest.importorskip("diffusers")
 
 from modelkiln import runtime
 from modelkiln.demo import contact_sheet
-from modelkiln.fixtures import TEXT_TO_IMAGE_DIR
+from modelkiln.fixtures import TEXT_TO_IMAGE_DIR, shapes
+from modelkiln.manifest import CALIBRATION_PROMPTS_NAME, read_manifest
 from modelkiln.metrics import psnr
+from modelkiln.quantize.calibration import calibration_prompts
 from modelkiln.validation import DiffusionValidateConfig, validate_diffusion
 from modelkiln.validation.prompt_accuracy import (
     PromptAccuracyConfig,
@@ -78,6 +80,23 @@ def test_artifact_matches_diffusers_from_identical_latents(artifact):
     config = DiffusionValidateConfig(steps=4, height=48, width=48, prompts=prompts, update_manifest=False)
     report = validate_diffusion(artifact, str(TEXT_TO_IMAGE_DIR), config)
     assert report["passed"], report
+
+
+def test_export_carries_the_fixtures_calibration_prompts_which_static_quantization_takes(artifact, tmp_path):
+    assert (artifact / CALIBRATION_PROMPTS_NAME).read_bytes() == (
+        TEXT_TO_IMAGE_DIR / CALIBRATION_PROMPTS_NAME
+    ).read_bytes()
+    assert CALIBRATION_PROMPTS_NAME in read_manifest(artifact).files  # listed and hash-checked
+    captions = {attributes.caption: attributes for attributes in shapes.every_caption()}
+    default, description = calibration_prompts(None, 8, artifact)  # `kiln quantize`'s default count
+    assert description == f"8 prompts from the artifact's {CALIBRATION_PROMPTS_NAME}"
+    chosen = [captions[prompt] for prompt in default]  # KeyError: a word the tokenizer lacks
+    for name in ("size", "colour", "shape", "background"):  # every value of every attribute
+        assert {getattr(a, name) for a in chosen} == {getattr(a, name) for a in captions.values()}, name
+    assert len(set(calibration_prompts(None, 16, artifact)[0])) == 16
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a small red circle on a black background\n")
+    assert calibration_prompts(str(mine), 8, artifact)[0] == ["a small red circle on a black background"]
 
 
 def test_onnx_draws_the_same_images_as_diffusers_and_they_show_their_prompts(artifact, eager):
