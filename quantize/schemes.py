@@ -120,28 +120,32 @@ SCHEMES: dict[str, Scheme] = {
         kind="torch",
         notes="needs `modelkiln[bnb]`; layers too narrow for bitsandbytes' 4-bit CPU packing stay fp32",
     ),
-    "mixed-int8-int4": Scheme(
-        name="mixed-int8-int4",
-        precision="int8+int4",
-        description="captioners: encoder int8-dynamic, decoder int4-weight (MatMulNBits, 128-weight blocks)",
-        apply="",
-        # The encoder is a few large GEMMs, compute-bound: int8 GEMM is the fastest (int8-static's QDQ
-        # 1.10x and MatMulNBits 1.5x slower on the full ViT); one decode step reads every decoder weight
-        # once, bandwidth-bound: int4 in 128-weight blocks with the tied lm_head int4 too was the fastest
-        # per token (32: 1.2x, 64: 1.1x slower; lm_head int8 1.1x, fp32 1.4x). Measured on the full
-        # ViT-GPT2: benchmarks/results/vit-gpt2-full/mixed-recipe.md.
-        options={
-            "encoder.per_channel": True,
-            "decoder.block_size": 128,
-            "decoder.symmetric": True,
-            "decoder.accuracy_level": 4,
-            "decoder.algorithm": "rtn",
-            "decoder.quantize_embeddings": True,
-        },
-        parts={"encoder": "int8-dynamic", "decoder": "int4-weight"},
-        notes="encoder + decoder captioners; options per graph: `--option decoder.block_size=64`",
-    ),
 }
+
+
+def mixed_scheme(name: str, description: str, parts: dict[str, str], notes: str) -> Scheme:
+    """A scheme that quantizes each graph with its own uniform scheme. Its options are the parts' own
+    (defaults included) prefixed with the graph's name, so the two can never drift apart."""
+    options = {
+        f"{graph}.{key}": value
+        for graph, part in parts.items()
+        for key, value in SCHEMES[part].options.items()
+    }
+    precision = "+".join(SCHEMES[part].precision for part in parts.values())
+    return Scheme(name, precision, description, apply="", options=options, notes=notes, parts=parts)
+
+
+# The encoder is a few large GEMMs, compute-bound: int8 GEMM is the fastest (int8-static's QDQ 1.10x and
+# MatMulNBits 1.5x slower on the full ViT); one decode step reads every decoder weight once,
+# bandwidth-bound: int4 in 128-weight blocks (int4-weight's default) with the tied lm_head int4 too was
+# the fastest per token (32: 1.2x, 64: 1.1x slower; lm_head int8 1.1x, fp32 1.4x). Measured on the full
+# ViT-GPT2: benchmarks/results/vit-gpt2-full/mixed-recipe.md.
+SCHEMES["mixed-int8-int4"] = mixed_scheme(
+    "mixed-int8-int4",
+    "captioners: encoder int8-dynamic, decoder int4-weight (MatMulNBits, 128-weight blocks)",
+    parts={"encoder": "int8-dynamic", "decoder": "int4-weight"},
+    notes="encoder + decoder captioners; options per graph: `--option decoder.block_size=64`",
+)
 
 
 def get_scheme(name: str) -> Scheme:

@@ -263,6 +263,11 @@ def test_mixed_scheme_options_are_checked_by_each_part():
         resolve_options(mixed, {"encoder.block_size": 64})
     with pytest.raises(KilnError, match="quantizes encoder, decoder, not transformer: choose --components"):
         component_scheme(mixed, "transformer", mixed.options)
+    # Its options are its parts' own, defaults included: every one of them, settable per graph.
+    for graph, part in mixed.parts.items():
+        assert component_scheme(mixed, graph, mixed.options) == (SCHEMES[part], SCHEMES[part].options)
+    assert len(mixed.options) == sum(len(SCHEMES[part].options) for part in mixed.parts.values())
+    assert mixed.precision == "int8+int4"
 
 
 def test_option_parsing_types_values_from_the_scheme_table():
