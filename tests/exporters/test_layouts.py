@@ -8,8 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_CAPTIONERS, _exported, shared_folder
 from PIL import Image
-from tiny_models import LAYOUTS, save_tiny_captioner
+from tiny_models import LAYOUTS, TINY_VIT_GPT2, save_tiny_captioner, save_tiny_vit_gpt2
 from transformers import AutoImageProcessor
 
 from modelkiln import runtime
@@ -33,15 +34,15 @@ def mixed_images():
 
 
 @pytest.fixture(scope="module", params=PROMPTS)
-def artifact(request, tmp_path_factory):
-    """(family, artifact dir): each family exported once, from its legacy-layout checkpoint. The layouts
+def artifact(request, tmp_path_factory, captioner_export):
+    """(family, artifact dir): each family's tiny config "a", the run's shared export of it. The layouts
     differ only in processor files, which test_both_layouts_write_the_same_runtime_files checks end in
     identical artifact files, so this export stands for either layout."""
     family = request.param
-    source = save_tiny_captioner(tmp_path_factory.mktemp(f"{family}-legacy"), family, "legacy")
-    out = tmp_path_factory.mktemp(f"{family}-art") / "artifact"
-    export_model(source, out)
-    return family, out
+    if family in TINY_CAPTIONERS:
+        return family, captioner_export(family, "a")[1]
+    source = shared_folder(tmp_path_factory, "src-a", lambda f: save_tiny_vit_gpt2(f, TINY_VIT_GPT2["a"]))
+    return family, _exported(tmp_path_factory, "art-src-a", source)  # vit_gpt2_artifact's config a
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
