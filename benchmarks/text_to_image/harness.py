@@ -62,6 +62,7 @@ CALIBRATION_STEPS = 2  # int8-static: steps per calibration prompt (early and la
 SHAPES_CALIBRATION_PROMPTS = 16  # int8-static: of the prompts it ships (the built-in scenes' words it lacks)
 SHAPES_CALIBRATION_STEPS = 8  # ... each run this many steps at the fixture's own 48 px
 SHAPES_INT4_BLOCK = 16  # int4-weight: its rows are 64 wide, which the default block of 128 pads to 128
+# ... with zero points: symmetric blocks read back 75.4% of the 138 prompts, asymmetric 81.9% (fp32 81.2%).
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _shapes_settings(scheme: str) -> dict:
         "image_size": PromptAccuracyConfig().side,
     }
     if scheme == "int4-weight":
-        settings["options"] = {"block_size": SHAPES_INT4_BLOCK}
+        settings["options"] = {"block_size": SHAPES_INT4_BLOCK, "symmetric": False}
     return settings
 
 

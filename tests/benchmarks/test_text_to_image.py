@@ -187,7 +187,7 @@ def test_bitsandbytes_schemes_are_refused_naming_the_onnx_ones(tmp_path, capsys)
 
 def test_shapes_pipeline_variants_are_made_for_its_own_workload(bench, tmp_path):
     """int8-static calibrates on 16 of the prompts it ships at 48 px (the built-in scenes are unknown words
-    to its tokenizer) and int4 uses blocks that fit its 64-wide rows; any other source keeps the cheap
+    to its tokenizer) and int4 uses asymmetric blocks that fit its 64-wide rows; any other source keeps the cheap
     settings. The settings read the parent's manifest only: the tiny pipeline's, its source made the shapes
     pipeline."""
     parent = tmp_path / "artifacts" / "onnx-fp32"
@@ -200,7 +200,7 @@ def test_shapes_pipeline_variants_are_made_for_its_own_workload(bench, tmp_path)
     assert (
         static.calibration_prompts is None
     )  # the artifact's own (tests/modelkiln/test_text_to_image_fixture)
-    assert quantize_config(parent, "int4-weight").options == {"block_size": 16}
+    assert quantize_config(parent, "int4-weight").options == {"block_size": 16, "symmetric": False}
     other = quantize_config(bench[2] / "onnx-fp32", "int8-static")
     assert other.calibration_prompts is None and (other.num_calibration, other.calibration_steps) == (2, 2)
     assert quantize_config(bench[2] / "onnx-fp32", "int4-weight").options == {}
