@@ -159,6 +159,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def folder_sha256(folder: str | os.PathLike | None) -> str | None:
+    """Content hash of a folder (names and bytes of every file below it), so edited inputs are noticed."""
+    if folder is None:
+        return None
+    root = Path(folder)
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def _disk_files(root: Path) -> list[str]:
     """Relative POSIX names of the files under ``root`` (symlinks to files included), without entering
     symlinked folders, so a link to ``/`` inside an artifact is never walked."""

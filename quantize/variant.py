@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.errors import KilnError, ValidationFailedError
-from modelkiln.manifest import Manifest, read_manifest, require_intact, sha256_file, write_manifest
+from modelkiln.manifest import (
+    Manifest,
+    folder_sha256,
+    read_manifest,
+    require_intact,
+    sha256_file,
+    write_manifest,
+)
 from modelkiln.validation.prompt_accuracy import (
     PromptAccuracyConfig,
     flat_figures,
@@ -24,6 +31,7 @@ from modelkiln.validation.prompt_accuracy import (
 )
 
 from .quality import QUALITY
+from .schemes import get_scheme, resolve_options
 
 QUALITY_SEEDS = 70_000  # drawn held-out images for quality, away from training, demo and validation seeds
 # Held-out diffusion prompts for quality, none of them among the calibration prompts.
@@ -97,15 +105,17 @@ class QuantizeConfig:
 
     def settings(self) -> dict[str, Any]:
         """The request's fields that decide the variant's weights (not how its quality is checked), as the
-        manifest records them: a benchmark reuses a variant it made only when these still match. The
-        calibration prompts count by content, not by the path they were read from."""
+        manifest records them: a benchmark reuses a variant it made, and a build its cached one, only while
+        these still match. Options are resolved, so a changed scheme default counts; calibration inputs
+        count by content, not by the path they were read from."""
         prompts = self.calibration_prompts
+        options = resolve_options(get_scheme(self.scheme), self.options)
         return {
             "scheme": self.scheme,
             "components": list(self.components) if self.components is not None else None,
             "exclude": list(self.exclude),
-            "options": json.loads(json.dumps(self.options)),  # as read back: tuples are lists there
-            "calibration_images": self.calibration_images,
+            "options": json.loads(json.dumps(options)),  # as read back: tuples are lists there
+            "calibration_images_sha256": folder_sha256(self.calibration_images),
             "num_calibration": self.num_calibration,
             "calibration_prompts_sha256": sha256_file(prompts) if prompts else None,
             "calibration_steps": self.calibration_steps,

@@ -16,7 +16,7 @@ from typing import Any
 
 from modelkiln.build.directory import STEPS_DIR, Build
 from modelkiln.errors import KilnError
-from modelkiln.manifest import artifact_hash, read_manifest, require_intact, sha256_file
+from modelkiln.manifest import artifact_hash, read_manifest, require_intact
 
 CACHE_VERSION = 1  # bump when a step's meaning changes, so older cache records stop matching
 
@@ -91,12 +91,3 @@ def artifact_intact(build: Build, result: dict) -> bool:
     except KilnError:
         return False
     return artifact_hash(manifest) == result["artifact_sha256"]
-
-
-def folder_sha256(folder: str | None) -> str | None:
-    """Content hash of an image folder, so edited images re-run the steps that read them."""
-    if folder is None:
-        return None
-    root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return hash_json({p.relative_to(root).as_posix(): sha256_file(p) for p in files})

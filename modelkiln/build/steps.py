@@ -12,16 +12,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from modelkiln.build.cache import artifact_intact, folder_sha256, run_step, step_key, to_json, write_text
+from modelkiln.build.cache import artifact_intact, run_step, step_key, to_json, write_text
 from modelkiln.build.directory import STEPS_DIR, Build
 from modelkiln.build.recipe import EXPORT_NAME, ExportRecipe, RecipeError, VariantRecipe, is_figure
 from modelkiln.configs import same_named
 from modelkiln.errors import ValidationFailedError
 from modelkiln.exporters.diffusion import Lora
 from modelkiln.exporters.export import ExportConfig, export_model
-from modelkiln.manifest import artifact_hash, read_manifest, sha256_file, write_manifest
+from modelkiln.manifest import artifact_hash, folder_sha256, read_manifest, sha256_file, write_manifest
 from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
-from modelkiln.quantize.schemes import get_scheme, resolve_options
 from modelkiln.validation import (
     DiffusionValidateConfig,
     ValidateConfig,
@@ -162,21 +161,20 @@ def variant_step(build: Build, export: dict, variant: VariantRecipe) -> dict:
 
 
 def _variant_key(build: Build, export: dict, variant: VariantRecipe) -> str:
-    config = {
-        **asdict(variant),
-        "options": resolve_options(get_scheme(variant.scheme), variant.options),
-        "calibration_sha256": folder_sha256(variant.calibration_images),
-        "calibration_prompts_sha256": sha256_file(Path(variant.calibration_prompts))
-        if variant.calibration_prompts
-        else None,
-    }
+    # The recipe's fields (its quality-check settings decide the recorded figures), then what decides the
+    # weights as the quantizer records it: resolved options, calibration inputs by content.
+    config = {**asdict(variant), **_quantize_config(variant).settings()}
     del config["gates"]  # checked on every run against the recorded figures: a new limit re-quantizes nothing
     return step_key(build, f"variant-{variant.name}", config, {"export": export["artifact_sha256"]})
 
 
-def _quantize(build: Build, variant: VariantRecipe) -> dict:
+def _quantize_config(variant: VariantRecipe) -> QuantizeConfig:
     # A variant's keys are its QuantizeConfig fields of the same name (the gates are checked here).
-    config = same_named(QuantizeConfig, variant, options=dict(variant.options), overwrite=True)
+    return same_named(QuantizeConfig, variant, options=dict(variant.options), overwrite=True)
+
+
+def _quantize(build: Build, variant: VariantRecipe) -> dict:
+    config = _quantize_config(variant)
     out = build.out / "artifacts" / variant.name
     log = lambda message: build.log(f"variant-{variant.name}: {message}")  # noqa: E731
     manifest = quantize_artifact(build.export_dir, out, config, log=log)

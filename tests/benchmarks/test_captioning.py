@@ -256,11 +256,14 @@ def test_a_made_variant_is_reused_only_while_its_quantize_settings_match(bench, 
     variants._quantize(parent, "int8-dynamic", variant, logged.append, quantize_config)
     assert made == [] and logged == [f"reusing {variant}"]
 
-    def changed(parent, scheme):  # e.g. a new calibration default or scheme option in a later release
-        return replace(quantize_config(parent, scheme), options={"per_channel": True})
+    def asking(options):
+        return lambda parent, scheme: replace(quantize_config(parent, scheme), options=options)
 
-    variants._quantize(parent, "int8-dynamic", variant, logged.append, changed)
-    assert [config.options for config in made] == [{"per_channel": True}]
+    # A scheme's default asked for by name is the same request: reused. A changed option is not.
+    variants._quantize(parent, "int8-dynamic", variant, logged.append, asking({"per_channel": True}))
+    assert made == []
+    variants._quantize(parent, "int8-dynamic", variant, logged.append, asking({"per_channel": False}))
+    assert [config.options for config in made] == [{"per_channel": False}]
 
 
 def test_a_pickle_only_source_is_refused_with_what_to_do(small_source, tmp_path, capsys):
