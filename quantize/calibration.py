@@ -103,13 +103,13 @@ def calibration_prompts(
     """The first ``count`` prompts of ``prompts_file``; without one, of the artifact's own
     ``calibration_prompts.txt`` (a source pipeline folder may ship one: the prompts its model knows,
     e.g. the shapes fixture's, whose words the built-in scenes lack), else of the built-in prompts."""
-    if prompts_file is None and artifact is not None and (artifact / CALIBRATION_PROMPTS_NAME).is_file():
+    if prompts_file is not None:
+        return _prompt_lines(Path(prompts_file), count, f"--calibration-prompts {prompts_file}")
+    if artifact is not None and (artifact / CALIBRATION_PROMPTS_NAME).is_file():
         return _prompt_lines(
             artifact / CALIBRATION_PROMPTS_NAME, count, f"the artifact's {CALIBRATION_PROMPTS_NAME}"
         )
-    if prompts_file is None:
-        return list(CALIBRATION_PROMPTS[:count]), f"{min(count, len(CALIBRATION_PROMPTS))} built-in prompts"
-    return _prompt_lines(Path(prompts_file), count, f"--calibration-prompts {prompts_file}")
+    return list(CALIBRATION_PROMPTS[:count]), f"{min(count, len(CALIBRATION_PROMPTS))} built-in prompts"
 
 
 def _prompt_lines(path: Path, count: int, label: str) -> tuple[list[str], str]:

@@ -48,17 +48,18 @@ def _exported(tmp_path_factory, key: str, source: Path, config: ExportConfig | N
     return folder / "artifact"
 
 
+def vit_gpt2_export(tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """(source dir, artifact dir) of tiny ViT-GPT2 config ``name``, saved and exported once per run, for
+    every fixture and test module that needs that config."""
+    sizes = TINY_VIT_GPT2[name]
+    source = shared_folder(tmp_path_factory, f"src-{name}", lambda f: save_tiny_vit_gpt2(f, sizes))
+    return source, _exported(tmp_path_factory, f"art-src-{name}", source)
+
+
 @pytest.fixture(scope="session", params=sorted(TINY_VIT_GPT2))
-def vit_gpt2_source(request, tmp_path_factory):
-    """A tiny ViT-GPT2 saved like save_pretrained, once per config."""
-    sizes = TINY_VIT_GPT2[request.param]
-    return shared_folder(tmp_path_factory, f"src-{request.param}", lambda f: save_tiny_vit_gpt2(f, sizes))
-
-
-@pytest.fixture(scope="session")
-def vit_gpt2_artifact(vit_gpt2_source, tmp_path_factory):
+def vit_gpt2_artifact(request, tmp_path_factory):
     """(source dir, artifact dir) for each tiny config."""
-    return vit_gpt2_source, _exported(tmp_path_factory, f"art-{vit_gpt2_source.name}", vit_gpt2_source)
+    return vit_gpt2_export(tmp_path_factory, request.param)
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +77,7 @@ def small_artifact(small_source, tmp_path_factory):
 def wide_artifact(tmp_path_factory):
     """The wider tiny ViT-GPT2 (config b, widths 64): 4-bit variants of it still caption every image,
     where config a's widths (32, 48) lose so much that the empty-caption gate refuses them."""
-    # The keys vit_gpt2_artifact gives config b: one export of it per run, shared.
-    source = shared_folder(tmp_path_factory, "src-b", lambda f: save_tiny_vit_gpt2(f, TINY_VIT_GPT2["b"]))
-    return _exported(tmp_path_factory, "art-src-b", source)
+    return vit_gpt2_export(tmp_path_factory, "b")[1]  # vit_gpt2_artifact's config b: one export per run
 
 
 def shapes_sd3_artifact(tmp_path_factory) -> Path:

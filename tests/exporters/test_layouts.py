@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TINY_CAPTIONERS, _exported, shared_folder
+from conftest import TINY_CAPTIONERS, vit_gpt2_export
 from PIL import Image
-from tiny_models import LAYOUTS, TINY_VIT_GPT2, save_tiny_captioner, save_tiny_vit_gpt2
+from tiny_models import LAYOUTS, save_tiny_captioner
 from transformers import AutoImageProcessor
 
 from modelkiln import runtime
@@ -41,8 +41,7 @@ def artifact(request, tmp_path_factory, captioner_export):
     family = request.param
     if family in TINY_CAPTIONERS:
         return family, captioner_export(family, "a")[1]
-    source = shared_folder(tmp_path_factory, "src-a", lambda f: save_tiny_vit_gpt2(f, TINY_VIT_GPT2["a"]))
-    return family, _exported(tmp_path_factory, "art-src-a", source)  # vit_gpt2_artifact's config a
+    return family, vit_gpt2_export(tmp_path_factory, "a")[1]
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
