@@ -16,17 +16,25 @@ from .plots import write_plots
 
 PEER = "optimum-onnx"  # the peer row the fp32 export is measured against
 # The project's speed and size targets (issue 13's, for 2 threads, batch 1, 16 greedy tokens on a 2-core
-# CPU), checked in every report: (what, variant, figure, limit, higher is better).
+# CPU), checked in every report: (what, variants, figure, limit, higher is better). Where several variants
+# can meet a target ("best int8"), the best of those that ran is checked and named.
+INT8 = ("int8-dynamic", "int8-static", "int8-weight")
 TARGETS = (
-    ("ONNX fp32 end-to-end speed-up vs eager", "onnx-fp32", "speedup", 1.7, True),
-    ("ONNX fp32 end-to-end speed-up vs optimum-onnx's export", "onnx-fp32", "speedup_vs_peer", 2.5, True),
-    ("int8 end-to-end speed-up vs eager", "int8-dynamic", "speedup", 4.0, True),
-    ("int8 size vs fp32 ONNX", "int8-dynamic", "size_ratio", 0.30, False),
-    ("int4 size vs fp32 ONNX", "int4-weight", "size_ratio", 0.20, False),
-    ("fp32 decode vs bandwidth bound", "onnx-fp32", "decode_multiple", 1.1, False),
-    ("int8 decode vs bandwidth bound", "int8-dynamic", "decode_multiple", 1.3, False),
-    ("int4 decode vs bandwidth bound", "int4-weight", "decode_multiple", 1.6, False),
-    ("mixed int8-encoder/int4-decoder end-to-end speed-up vs eager", "mixed-int8-int4", "speedup", 4.5, True),
+    ("ONNX fp32 end-to-end speed-up vs eager", ("onnx-fp32",), "speedup", 1.7, True),
+    ("ONNX fp32 end-to-end speed-up vs optimum-onnx's export", ("onnx-fp32",), "speedup_vs_peer", 2.5, True),
+    ("int8 end-to-end speed-up vs eager", INT8, "speedup", 4.0, True),
+    ("int8 size vs fp32 ONNX", INT8, "size_ratio", 0.30, False),
+    ("int4 size vs fp32 ONNX", ("int4-weight",), "size_ratio", 0.20, False),
+    ("fp32 decode vs bandwidth bound", ("onnx-fp32",), "decode_multiple", 1.1, False),
+    ("int8 decode vs bandwidth bound", INT8, "decode_multiple", 1.3, False),
+    ("int4 decode vs bandwidth bound", ("int4-weight",), "decode_multiple", 1.6, False),
+    (
+        "mixed int8-encoder/int4-decoder end-to-end speed-up vs eager",
+        ("mixed-int8-int4",),
+        "speedup",
+        4.5,
+        True,
+    ),
 )
 
 
@@ -51,11 +59,13 @@ def derived(report: dict) -> dict[str, dict]:
 def check_targets(report: dict) -> list[dict]:
     figures = derived(report)
     checks = []
-    for what, variant, key, limit, higher in TARGETS:
-        value = figures.get(variant, {}).get(key)
-        if value is not None:
-            met = value >= limit if higher else value <= limit
-            checks.append({"target": what, "limit": limit, "value": value, "met": met})
+    for what, variants, key, limit, higher in TARGETS:
+        values = {name: figures[name][key] for name in variants if figures.get(name, {}).get(key) is not None}
+        if values:
+            best = (max if higher else min)(values, key=values.get)
+            met = values[best] >= limit if higher else values[best] <= limit
+            what = f"{what} (best: {best})" if len(variants) > 1 else what
+            checks.append({"target": what, "limit": limit, "value": values[best], "met": met})
     return checks
 
 

@@ -16,7 +16,7 @@ from modelkiln.benchmarks.captioning import peers
 from modelkiln.benchmarks.captioning.harness import CaptioningConfig as BenchConfig
 from modelkiln.benchmarks.captioning.harness import Measured, quantize_config, variant_row
 from modelkiln.benchmarks.captioning.quality import SHAPES_IMAGES
-from modelkiln.benchmarks.captioning.report import targets_table, write_reports
+from modelkiln.benchmarks.captioning.report import check_targets, targets_table, write_reports
 from modelkiln.benchmarks.captioning.runners import Job, stage_times
 from modelkiln.benchmarks.core import variants
 from modelkiln.benchmarks.core.timing import EAGER, Timings
@@ -222,6 +222,25 @@ def test_targets_table_says_how_far_a_miss_is():
     table = targets_table(checks)
     assert "| int8 end-to-end speed-up vs eager | 3 | 2.900 | MISSED | 0.100 beyond the limit |" in table
     assert "| int4 size vs fp32 ONNX | 0.2 | 0.180 | met | - |" in table
+
+
+def test_a_target_several_variants_can_meet_checks_the_best_of_them_and_names_it():
+    def row(name, p50, decode_multiple):
+        return {
+            "name": name,
+            "latency": {"p50_s": p50},
+            "size_bytes": 100,
+            "roofline": {"decode_multiple": decode_multiple},
+        }
+
+    rows = [row("pytorch-eager", 1.0, 2.0), row("int8-dynamic", 0.2, 1.5), row("int8-weight", 0.25, 1.2)]
+    checks = {c["target"]: c for c in check_targets({"variants": rows})}
+    decode = checks["int8 decode vs bandwidth bound (best: int8-weight)"]
+    assert decode["value"] == 1.2 and decode["met"]
+    speed = checks["int8 end-to-end speed-up vs eager (best: int8-dynamic)"]
+    assert speed["value"] == pytest.approx(5.0) and speed["met"]
+    # A target none of whose variants ran is left out, not reported as missed.
+    assert not any(name.startswith("int4") for name in checks)
 
 
 def test_a_variant_below_a_quantize_gate_is_a_marked_row_and_gate_makes_it_fail(

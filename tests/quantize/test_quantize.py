@@ -58,6 +58,7 @@ def _decoder_feeds(session):
 TESTED_SCHEMES = {
     "int8-dynamic": ({}, "MatMulInteger"),
     "int4-weight": ({"block_size": 16}, "MatMulNBits"),
+    "int8-weight": ({"block_size": 16}, "MatMulNBits"),
     "int8-static": ({}, "DequantizeLinear"),  # weights stored int8 behind DequantizeLinear (QDQ)
     "fp16": ({}, "Cast"),  # fp16 weights, casts around the fp32 keep-list and graph inputs/outputs
     # Per graph: the encoder's int8 GEMMs, the decoder's int4 weights.
@@ -84,6 +85,15 @@ def test_scheme_makes_a_smaller_runnable_variant_with_quality_figures(
         assert stats["quantized_nodes"] >= stats["gemm_rewritten"] > 0  # every weight matmul was taken
         expected = node_type[name] if isinstance(node_type, dict) else node_type
         assert count_ops(graph).get(expected, 0) > 0
+        if expected == "MatMulNBits":  # int4-weight and int8-weight differ only in the bits they store
+            bits = {
+                int(onnx.helper.get_attribute_value(a))
+                for n in graph.graph.node
+                if n.op_type == expected
+                for a in n.attribute
+                if a.name == "bits"
+            }
+            assert bits == {int(stats["precision"].removeprefix("int"))}
         assert manifest.components[name].precision == stats["precision"] != "fp32"
     assert _size(out) < _size(wide_artifact)
     assert manifest.parent["artifact_sha256"] == artifact_hash(parent)
