@@ -61,12 +61,9 @@ TARGETS: dict[str, Target] = {
         tensorrt_ops=False,
         min_opset=17,
         buffered_cache=False,
-        # MatMulNBits is an onnxruntime contrib op; the other int8 schemes and fp16 stay in the standard domain.
+        # MatMulNBits is an onnxruntime contrib op; the int8 schemes and fp16 stay in the standard domain.
         schemes={"int8-dynamic": {}, "int8-static": {}, "fp16": {}},
-        refused_why={
-            "int4-weight": "its MatMulNBits is an onnxruntime contrib op",
-            "int8-weight": "its MatMulNBits is an onnxruntime contrib op",
-        },
+        refused_why={"int4-weight": "its MatMulNBits is an onnxruntime contrib op"},
     ),
     "tensorrt": Target(
         name="tensorrt",
@@ -82,7 +79,6 @@ TARGETS: dict[str, Target] = {
         refused_why={
             "int8-dynamic": "TensorRT's parser has no DynamicQuantizeLinear or MatMulInteger",
             "int4-weight": "MatMulNBits is an onnxruntime contrib op TensorRT's parser cannot import",
-            "int8-weight": "MatMulNBits is an onnxruntime contrib op TensorRT's parser cannot import",
         },
     ),
 }

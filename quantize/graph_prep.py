@@ -136,6 +136,12 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
     return _reads_table(model, "MatMul", 1)
 
 
+def weight_convs(model: onnx.ModelProto) -> list[str]:
+    """Names of Conv nodes whose kernel (second input) is a constant."""
+    inits = _initializers(model)
+    return [node.name for node in model.graph.node if node.op_type == "Conv" and node.input[1] in inits]
+
+
 def embedding_gathers(model: onnx.ModelProto) -> list[str]:
     """Names of Gather nodes that look rows up in a constant table: embeddings."""
     return _reads_table(model, "Gather", 0)

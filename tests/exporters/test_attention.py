@@ -88,13 +88,18 @@ def test_masked_attention_is_left_alone(tmp_path):
     assert fuse_attention(onnx.load(str(path))) == 0
 
 
-@pytest.mark.parametrize("name,layers", [("sd3.5-medium", 3), ("flux-dev", 2)])
-def test_diffusion_transformers_are_fused(tiny_diffusion, name, layers):
+@pytest.mark.parametrize(
+    "name,denoiser,layers",
+    [("sd3.5-medium", "transformer", 3), ("flux-dev", "transformer", 2), ("sd1", "unet", 8)],
+)
+def test_diffusion_denoisers_are_fused(tiny_diffusion, name, denoiser, layers):
     """SD3.5-Medium-style: 2 joint blocks, the first with a second (dual) attention; Flux: one double-
-    and one single-stream block. Validation against PyTorch covers the fused graphs' numbers."""
-    _, fused = tiny_diffusion(name, max_sequence_length=TEXT_LENGTHS[name])
-    assert read_manifest(fused).components["transformer"].fused == {"MultiHeadAttention": layers}
-    assert _ops(fused / "transformer.onnx")["MultiHeadAttention"] == layers
+    and one single-stream block; SD 1.x: 4 transformer blocks (down, mid, two up), each with self- and
+    cross-attention. Validation against PyTorch covers the fused graphs' numbers."""
+    options = {"max_sequence_length": TEXT_LENGTHS[name]} if name in TEXT_LENGTHS else {}
+    _, fused = tiny_diffusion(name, **options)
+    assert read_manifest(fused).components[denoiser].fused == {"MultiHeadAttention": layers}
+    assert _ops(fused / f"{denoiser}.onnx")["MultiHeadAttention"] == layers
     # The text encoders' causal masks keep their attention unfused; they do not declare fusion anyway.
     assert read_manifest(fused).components["text_encoder"].fused == {}
 

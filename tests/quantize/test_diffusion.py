@@ -15,7 +15,7 @@ from modelkiln import runtime
 from modelkiln.errors import ValidationFailedError
 from modelkiln.manifest import read_manifest
 from modelkiln.quantize.calibration import record_calibration
-from modelkiln.quantize.graph_prep import count_ops
+from modelkiln.quantize.graph_prep import count_ops, module_path
 from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
 
 # tiny pipeline -> (export options, denoiser graph)
@@ -55,10 +55,23 @@ def test_scheme_makes_a_smaller_variant_that_generates(parent, scheme, tmp_path)
         graph = onnx.load(str(tmp_path / "v" / manifest.components[name].file), load_external_data=False)
         assert stats["quantized_nodes"] > 0 and count_ops(graph).get(node_type, 0) > 0, name
     assert _size(tmp_path / "v") < _size(artifact)
+    if scheme == "int8-static" and "unet" in nodes:
+        unet = onnx.load(str(tmp_path / "v" / manifest.components["unet"].file), load_external_data=False)
+        assert _int8_convolutions(unet) == _convolutions(unet) - {"unet.conv_in", "unet.conv_out"}
     quality = manifest.quantization["quality"]
     assert quality["non_finite_images"] == 0 and len(quality["per_prompt"]) == 2
     image = runtime.load(tmp_path / "v")("a cat", num_inference_steps=2, seed=0).images[0]
     assert np.asarray(image).std() > 0  # not a flat (black) image
+
+
+def _convolutions(graph) -> set[str]:
+    return {module_path(node) for node in graph.graph.node if node.op_type == "Conv"}
+
+
+def _int8_convolutions(graph) -> set[str]:
+    """Modules of the convolutions whose kernel is read back from int8 (QDQ)."""
+    dequantized = {node.output[0] for node in graph.graph.node if node.op_type == "DequantizeLinear"}
+    return {module_path(n) for n in graph.graph.node if n.op_type == "Conv" and n.input[1] in dequantized}
 
 
 def test_int8_keeps_the_recipe_layers_fp32_and_stays_above_30db(parent, tmp_path):

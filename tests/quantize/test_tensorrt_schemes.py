@@ -31,7 +31,6 @@ def trt_artifact(target_artifact):
     [
         ("int8-dynamic", "no DynamicQuantizeLinear or MatMulInteger"),
         ("int4-weight", "MatMulNBits is an onnxruntime contrib op TensorRT's parser cannot import"),
-        ("int8-weight", "MatMulNBits is an onnxruntime contrib op TensorRT's parser cannot import"),
         ("bnb-nf4", "it is a PyTorch \\(bitsandbytes\\) variant, not ONNX graphs"),
     ],
 )

@@ -1,14 +1,10 @@
-"""Weight-only quantization with onnxruntime's MatMulNBits: int4 (RTN or HQQ) or int8 (RTN) blocks.
+"""int4 weight-only quantization with onnxruntime's MatMulNBits (block-wise, RTN or HQQ).
 
-Weights are stored as 4- or 8-bit blocks with one scale (and zero point when asymmetric) per block; the
+Weights are stored as 4-bit blocks with one scale (and zero point when asymmetric) per block; the
 activations stay fp32. On CPUs without VNNI the speed-up comes only with ``accuracy_level=4``
-(int8 compute inside MatMulNBits); without it, decode is no faster than fp32, so 4 is the default.
-8-bit blocks read twice int4's bytes but skip the nibble unpacking; against int8-dynamic's
-MatMulInteger they skip the per-call activation quantization and int32 -> fp32 rescale, which is
-what a batch-1 decode step is short of (0.71-0.80x its step time on the full ViT-GPT2). ::
+(int8 compute inside MatMulNBits); without it, decode is no faster than fp32, so 4 is the default. ::
 
     stats = quantize_int4_weight(model, out_path, {"block_size": 128, ...}, exclude=[], external_data=False)
-    stats = quantize_int8_weight(model, out_path, {"block_size": 128, ...}, exclude=[], external_data=False)
 """
 
 from __future__ import annotations
@@ -23,36 +19,20 @@ import onnx
 from .graph_prep import count_ops, embedding_gathers, quiet_quantizer_logs, weight_matmuls
 
 
-def _algo_config(options: dict, bits: int):
-    """None picks onnxruntime's own round-to-nearest, the one that writes 8-bit blocks."""
+def _algo_config(options: dict):
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits  # imported under quiet logs
 
     algorithm = options.get("algorithm", "rtn")
     if algorithm == "hqq":
-        return nbits.HQQWeightOnlyQuantConfig(block_size=options["block_size"], bits=bits)
-    # Its vendored neural-compressor RTN packs 4-bit blocks only.
-    return nbits.RTNWeightOnlyQuantConfig() if bits == 4 else None
+        return nbits.HQQWeightOnlyQuantConfig(block_size=options["block_size"], bits=4)
+    return nbits.RTNWeightOnlyQuantConfig()
 
 
 @quiet_quantizer_logs()  # a context manager, used as a decorator: the whole call is quiet
 def quantize_int4_weight(
     model: onnx.ModelProto, out_path: Path, options: dict, exclude: list[str], external_data: bool
 ) -> dict:
-    """Replace every constant-weight MatMul not excluded by 4-bit MatMulNBits; return the node count."""
-    return _matmul_nbits(model, out_path, options, exclude, external_data, bits=4)
-
-
-@quiet_quantizer_logs()
-def quantize_int8_weight(
-    model: onnx.ModelProto, out_path: Path, options: dict, exclude: list[str], external_data: bool
-) -> dict:
-    """Replace every constant-weight MatMul not excluded by 8-bit MatMulNBits; return the node count."""
-    return _matmul_nbits(model, out_path, options, exclude, external_data, bits=8)
-
-
-def _matmul_nbits(
-    model: onnx.ModelProto, out_path: Path, options: dict, exclude: list[str], external_data: bool, bits: int
-) -> dict:
+    """Replace every constant-weight MatMul not excluded by MatMulNBits; return the node count."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     embeddings = [name for name in embedding_gathers(model) if name not in exclude]
@@ -61,12 +41,12 @@ def _matmul_nbits(
     skip = [name for name in _all_matmuls(model) if name in exclude or name not in weight_matmuls(model)]
     quantizer = MatMulNBitsQuantizer(
         model,
-        bits=bits,
+        bits=4,
         block_size=options["block_size"],
         is_symmetric=options.get("symmetric", True),
         accuracy_level=options.get("accuracy_level", 4),
         nodes_to_exclude=skip,
-        algo_config=_algo_config(options, bits),
+        algo_config=_algo_config(options),
     )
     # The quantizer prints a progress bar per node to stdout; keep the CLI's output readable.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -83,7 +63,7 @@ def _matmul_nbits(
 def _int8_tables(model: onnx.ModelProto, scratch: Path, gathers: list[str]) -> onnx.ModelProto:
     """The model with its embedding tables stored int8 and gathered per row.
 
-    4-bit Gather needs opset 21 (these graphs are 18), and an fp32 table beside n-bit matmuls would be
+    4-bit Gather needs opset 21 (these graphs are 18), and an fp32 table beside 4-bit matmuls would be
     most of the decoder's bytes (GPT-2: 154 of ~190 MB). Done before MatMulNBits, whose contrib op the
     int8 quantizer's shape inference cannot read.
     """
