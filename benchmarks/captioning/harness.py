@@ -120,19 +120,20 @@ def artifact_bytes(directory: Path) -> tuple[int, int | None]:
 
 
 def eager_bytes(runner: EagerRunner, source: str) -> tuple[int, int | None]:
-    """(source weight files, decoder parameters one step reads) in bytes.
+    """(source weight files, parameters one decode step reads) in bytes.
 
-    Embedding tables count only when another module shares them (GPT-2's lm_head reads all of wte);
-    a lookup-only table (wpe) costs one row. The cross-attention K/V projections still count, although
-    transformers runs them on the first step only: the eager bound is slightly generous.
+    The step's modules are the family's declared eager decoder stage (GPT-2, BLIP's text decoder,
+    BLIP-2's OPT). Embedding tables count only when another module shares them (GPT-2's lm_head reads
+    all of wte); a lookup-only table (wpe) costs one row. The cross-attention K/V projections still
+    count, although transformers runs them on the first step only: the eager bound is slightly generous.
     """
     import torch  # here, not at the top: the task registry stays importable without loading torch
 
     resolved = resolve_model(source)
     total = sum((resolved.path / name).stat().st_size for name in resolved.weight_files)
-    decoder = getattr(runner.model, "decoder", None)
-    if decoder is None:
+    if not runner.decoder_modules:
         return total, None
+    decoder = torch.nn.ModuleList(runner.decoder_modules)
     lookups = {id(m.weight) for m in decoder.modules() if isinstance(m, torch.nn.Embedding)}
     owners: dict[int, int] = {}
     for _, parameter in decoder.named_parameters(remove_duplicate=False):
@@ -230,6 +231,12 @@ def _measure_all(
         measured = measure(runners, source, variants, config)
     finally:
         _close(runners)  # peer processes end even when timing fails
+    context["machine"]["observed_read_gbps"] = roofline.observed_read_gbps(
+        [
+            (m.decoder_bytes, stage_medians(timings[name].jobs).get("decode_per_token"))
+            for name, m in measured.items()
+        ]
+    )
     return [variant_row(name, m, timings[name], timings[EAGER], context) for name, m in measured.items()]
 
 

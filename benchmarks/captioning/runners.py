@@ -103,6 +103,10 @@ class EagerRunner:
         for stage, attributes in stages:
             for attribute in attributes:
                 hook_calls(getattr(self.model, attribute), stage, self.calls)
+        # What one decode step runs: its weights are the eager per-token bound's bytes.
+        self.decoder_modules = [
+            getattr(self.model, attribute) for attribute in dict(stages).get("decoder", ())
+        ]
 
     def run(self, image) -> Job:
         import torch  # here, not at the top: the ONNX memory probe runs these runners without torch
