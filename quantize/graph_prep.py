@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -154,12 +155,19 @@ def count_ops(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
+# How the exporter sometimes spells a child module's attribute access: on the full-size SD 1.5 UNet it
+# recorded "unet.__dict__['_modules']['conv_in']" where the tiny one reads "unet.conv_in".
+_MODULES_ACCESS = re.compile(r"\.__dict__\[_modules\]\[([^\]]+)\]")
+
+
 def module_path(node: onnx.NodeProto) -> str:
-    """The PyTorch module a node came from ("transformer.h.0.mlp.c_fc"), from the exporter's metadata."""
+    """The PyTorch module a node came from ("transformer.h.0.mlp.c_fc"), from the exporter's metadata,
+    always in dotted form, so that exclude patterns anchored at the end ("*conv_in") match."""
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             scopes = [scope for scope in prop.value.strip("[]").replace("'", "").split(", ") if scope]
-            return scopes[-2] if len(scopes) >= 2 else ""
+            path = scopes[-2] if len(scopes) >= 2 else ""
+            return _MODULES_ACCESS.sub(r".\1", path.strip('"'))
     return ""
 
 

@@ -14,7 +14,13 @@ from modelkiln import runtime
 from modelkiln.cli import main
 from modelkiln.errors import KilnError, ValidationFailedError
 from modelkiln.manifest import artifact_hash, extra_files, read_manifest, verify_files
-from modelkiln.quantize.graph_prep import count_ops, prepare_weight_matmuls, weight_matmuls
+from modelkiln.quantize.graph_prep import (
+    count_ops,
+    excluded_nodes,
+    module_path,
+    prepare_weight_matmuls,
+    weight_matmuls,
+)
 from modelkiln.quantize.quantize import QuantizeConfig, quantize_artifact
 from modelkiln.quantize.schemes import SCHEMES, component_scheme, parse_option, resolve_options
 
@@ -247,6 +253,23 @@ def test_a_scheme_that_quantizes_nothing_is_an_error(small_artifact, tmp_path):
     with pytest.raises(KilnError, match="quantized no node of component encoder"):
         quantize_artifact(small_artifact, tmp_path / "out", QuantizeConfig("int4-weight", exclude=("*",)))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "scopes",
+    [
+        "['', 'unet', 'unet.conv_in', 'conv2d']",
+        # How the exporter recorded the same module on the full-size SD 1.5 UNet.
+        """['', 'unet', "unet.__dict__['_modules']['conv_in']", 'conv2d']""",
+    ],
+)
+def test_module_paths_are_dotted_however_the_exporter_spelled_them(scopes):
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="node_conv2d")
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scopes)
+    assert module_path(node) == "unet.conv_in"
+    assert excluded_nodes(
+        onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], [])), ("*conv_in",)
+    ) == ["node_conv2d"]
 
 
 def test_exclude_by_module_path_keeps_those_nodes_fp32(small_artifact, tmp_path):
