@@ -175,11 +175,11 @@ def excluded_nodes(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[st
     """Node names matching any fnmatch pattern by node name or by module path."""
     from fnmatch import fnmatchcase
 
-    return [
-        node.name
-        for node in model.graph.node
-        if any(fnmatchcase(node.name, p) or fnmatchcase(module_path(node), p) for p in patterns)
-    ]
+    def matches(node: onnx.NodeProto) -> bool:
+        names = (node.name, module_path(node))  # the path parsed once a node, not once a pattern
+        return any(fnmatchcase(name, pattern) for pattern in patterns for name in names)
+
+    return [node.name for node in model.graph.node if matches(node)]
 
 
 @contextlib.contextmanager

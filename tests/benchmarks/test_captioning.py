@@ -257,12 +257,12 @@ def test_eager_decode_bound_reads_the_declared_decoder_of_every_family(
     _, onnx_step = artifact_bytes(artifact)
     parameters = dict(torch.nn.ModuleList(runner.decoder_modules).named_parameters())
     cross = sum(
-        p.numel() * 4
+        p.numel() * p.element_size()
         for name, p in parameters.items()
         if "crossattention" in name and any(kv in name for kv in ("c_attn", "key", "value"))
     )
     # Untrained norms and biases are equal tensors (ones, zeros), which the exporter stores once.
-    vectors = sum(p.numel() * 4 for p in parameters.values() if p.dim() == 1)
+    vectors = sum(p.numel() * p.element_size() for p in parameters.values() if p.dim() == 1)
     assert onnx_step + cross <= eager <= onnx_step + cross + vectors
 
 
